@@ -1,0 +1,223 @@
+"""SharedBasePool: a pool of identical trainer replicas, each hosting one frozen base model."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .common import (
+    API_VERSION,
+    CONDITIONS_FIELD,
+    NAME_MAX,
+    SHORT_STRING_MAX,
+    URI_MAX,
+    CamelModel,
+    Condition,
+    LabelValue,
+    Name,
+    ObjectMeta,
+    Quantity,
+    StatusModel,
+    parse_quantity,
+)
+
+MODEL_URI_PATTERN = r"^(hf://[^/\s]+/[^\s]+|file:///[^\s]*|pvc://[^/\s]+/[^\s]*|builtin://[a-z0-9.-]+)$"
+BUILTIN_MODELS = ("smollm2-135m-instruct",)
+DEFAULT_TRAINER_IMAGE = "ghcr.io/loraplex/trainer:0.1.0"
+
+_OBJECT = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+class ModelSpec(CamelModel):
+    """The frozen base model every replica of the pool hosts."""
+
+    name: Name = Field(description="Display and serving name of the base model.")
+    uri: str = Field(
+        max_length=URI_MAX,
+        pattern=MODEL_URI_PATTERN,
+        description="hf://org/name, file:///path, pvc://claim/path or builtin://smollm2-135m-instruct.",
+    )
+    revision: str | None = Field(default=None, max_length=SHORT_STRING_MAX)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto = bfloat16 on GPUs that support it, float32 on CPU."
+    )
+
+    @model_validator(mode="after")
+    def _known_builtin(self) -> ModelSpec:
+        if self.uri.startswith("builtin://") and self.uri.removeprefix("builtin://") not in BUILTIN_MODELS:
+            raise ValueError(f"uri: unknown builtin model {self.uri!r}; known: {', '.join(BUILTIN_MODELS)}")
+        return self
+
+
+class AutoscalingSpec(CamelModel):
+    """Bounds within which the operator may change spec.replicas."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.minReplicas <= self.maxReplicas",
+                    "message": "minReplicas must be <= maxReplicas",
+                }
+            ]
+        }
+    }
+
+    enabled: bool = False
+    min_replicas: int = Field(default=0, ge=0, le=256)
+    max_replicas: int = Field(default=4, ge=1, le=256)
+    scale_down_delay_seconds: int = Field(default=300, ge=0, le=86400)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas {self.min_replicas} must be <= maxReplicas {self.max_replicas}")
+        return self
+
+
+class CapacitySpec(CamelModel):
+    """What one replica may host."""
+
+    max_adapters_per_replica: int = Field(default=8, ge=1, le=256)
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, alias="maxLoRARank")
+    adapter_memory_budget: Quantity | None = Field(
+        default=None,
+        description="Per replica: bytes for adapters, their gradients and optimizer state, and rollout buffers.",
+    )
+
+    @property
+    def adapter_memory_budget_bytes(self) -> int | None:
+        """The budget in bytes, or None when unlimited."""
+        return None if self.adapter_memory_budget is None else parse_quantity(self.adapter_memory_budget)
+
+
+class VLLMSpec(CamelModel):
+    """Settings of the vLLM rollout engine."""
+
+    gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=0.95)
+    max_model_len: int | None = Field(default=None, ge=64, le=1_048_576)
+    enforce_eager: bool = False
+
+
+class EnvVar(CamelModel):
+    """A container environment variable (value or valueFrom, as in a Pod)."""
+
+    model_config = CamelModel.model_config | {"extra": "allow"}
+
+    name: str = Field(min_length=1, max_length=SHORT_STRING_MAX)
+    value: str | None = Field(default=None, max_length=32768)
+    value_from: dict[str, Any] | None = Field(default=None, json_schema_extra=_OBJECT)
+
+
+class ResourceRequirements(CamelModel):
+    """Container resources, as in a Pod (nvidia.com/gpu goes in limits)."""
+
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+    requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+
+
+class TrainerSpec(CamelModel):
+    """The trainer pod template."""
+
+    image: str = Field(default=DEFAULT_TRAINER_IMAGE, max_length=URI_MAX)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=32)
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=32, json_schema_extra={"items": _OBJECT}
+    )
+    affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_OBJECT)
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    service_account_name: str | None = Field(default=None, max_length=253)
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    rollout_engine: Literal["auto", "vllm", "torch"] = Field(
+        default="auto", description="auto = vllm when a GPU and vLLM are present, else torch."
+    )
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec)
+
+
+class StorageSpec(CamelModel):
+    """Where adapters, optimizer state and checkpoints go; shared by all replicas of the pool."""
+
+    claim_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="A ReadWriteMany PVC. Without one, checkpoints live in an emptyDir and die with the pod.",
+    )
+    sub_path: str = Field(default="", max_length=URI_MAX, pattern=r"^[^.][^\s]*$|^$")
+
+
+class SharedBasePoolSpec(CamelModel):
+    """Desired state of a pool."""
+
+    model: ModelSpec
+    replicas: int = Field(default=1, ge=0, le=256)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    capacity: CapacitySpec = Field(default_factory=CapacitySpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    suspend: bool = False
+
+
+class PoolCapacityStatus(StatusModel):
+    """Slot and memory accounting over all replicas."""
+
+    adapter_slots: int = 0
+    used_slots: int = 0
+    pending_experiments: int = 0
+    memory_bytes: int | None = None
+    used_memory_bytes: int | None = None
+
+
+class LinearModuleFacts(StatusModel):
+    """Shape of one kind of linear module (e.g. q_proj) and how many layers have it."""
+
+    in_features: int = Field(alias="in")
+    out_features: int = Field(alias="out")
+    count: int
+
+
+class ModelFactsStatus(StatusModel):
+    """Facts the trainer measured when it loaded the base model (for memory estimates)."""
+
+    parameter_count: int | None = None
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    linear_modules: dict[str, LinearModuleFacts] = Field(default_factory=dict, max_length=64)
+    lora_bytes_per_rank: dict[str, int] = Field(default_factory=dict, max_length=64)
+
+
+class ReplicaStatus(StatusModel):
+    """One StatefulSet replica as the operator sees it."""
+
+    name: str = Field(max_length=NAME_MAX + 8)
+    ready: bool = False
+    adapters: int = 0
+
+
+class SharedBasePoolStatus(StatusModel):
+    """Observed state of a pool (the operator writes all but ``model``)."""
+
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, json_schema_extra=CONDITIONS_FIELD
+    )
+    replicas: int = 0
+    ready_replicas: int = 0
+    selector: str = Field(default="", max_length=1024)
+    capacity: PoolCapacityStatus = Field(default_factory=PoolCapacityStatus)
+    model: ModelFactsStatus | None = None
+    replica_status: list[ReplicaStatus] = Field(default_factory=list, max_length=256)
+
+
+class SharedBasePool(CamelModel):
+    """A pool of trainer replicas sharing one base model."""
+
+    model_config = CamelModel.model_config | {"extra": "ignore"}
+
+    api_version: Literal["loraplex.dev/v1alpha1"] = API_VERSION
+    kind: Literal["SharedBasePool"] = "SharedBasePool"
+    metadata: ObjectMeta
+    spec: SharedBasePoolSpec
+    status: SharedBasePoolStatus = Field(default_factory=SharedBasePoolStatus)
