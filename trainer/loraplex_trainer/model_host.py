@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+from loraplex_trainer.multilora import ALL_LINEAR
 
 logger = logging.getLogger(__name__)
 
 ACCEPTED_SCHEMES = ("file://", "hf://", "builtin://", "pvc://")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ALL_LINEAR = "all-linear"
 # Adapters are trained in fp32 whatever the base dtype, so memory is counted at 4 bytes a value.
 ADAPTER_BYTES_PER_VALUE = 4
 
@@ -257,9 +258,19 @@ def builtin_cache_folder(uri: str, name: str) -> Path:
     # racing on the same cache never sees a half-written model.
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
     try:
+        # dequantize=True asks for plain nn.Linear layers even where a packed-GGUF kernel is
+        # installed: LoRA wraps nn.Linear, and the safetensors copy must be a dense model.
         model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+            gguf_path.parent,
+            gguf_file=gguf_path.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
         )
+        # Once dequantized nothing is quantized any more; dropping the marker (where this
+        # transformers version leaves one) lets the model be saved.
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
