@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -178,7 +180,6 @@ def load_base_model(
         logger.warning(
             "revision ignored uri=%s revision=%s reason=only-hf-uris-have-revisions", uri, revision
         )
-        revision = None
 
     if scheme == "file":
         folder = Path(rest)
@@ -189,8 +190,7 @@ def load_base_model(
             )
         source = str(folder)
     elif scheme == "hf":
-        source = rest
-        ensure_hf_cached(uri, rest, revision)
+        source = str(hf_snapshot_folder(uri, rest, revision))
     elif scheme == "builtin":
         source = str(builtin_cache_folder(uri, rest))
     else:
@@ -199,15 +199,13 @@ def load_base_model(
             "cannot be read from here; load the mounted folder with file:///mount/path instead"
         )
 
-    # local_files_only: a replica must never download at run time (hf:// was checked above).
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=True)
+    # Every scheme has become a local folder by now; local_files_only guards against any download.
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Left padding keeps every prompt's last token at the end of the row, where generation continues.
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(
-        source, revision=revision, dtype=DTYPES[dtype], local_files_only=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=True)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -224,18 +222,18 @@ def load_base_model(
     return BaseModel(model=model, tokenizer=tokenizer, facts=facts, uri=uri)
 
 
-def ensure_hf_cached(uri: str, repo_id: str, revision: str | None) -> None:
-    """Fail with a clear message if a hf:// model is not already in the local Hugging Face cache."""
-    # Belt and braces with local_files_only: nothing downstream (hub calls in tokenizer code) may go online.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from huggingface_hub import try_to_load_from_cache
-
-    if not isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+def hf_snapshot_folder(uri: str, repo_id: str, revision: str | None) -> Path:
+    """Return the local Hugging Face cache folder of a hf:// model, failing clearly if it is not there."""
+    # Loading from the snapshot folder rather than the repo id keeps transformers off the network
+    # entirely: some of its look-ups (the PEFT adapter probe) ignore local_files_only.
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError as error:
         raise FileNotFoundError(
             f"model uri {uri!r}: {repo_id} (revision {revision or 'main'}) is not in the local "
             "Hugging Face cache and loraplex never downloads at run time; "
             f"fetch it beforehand with `hf download {repo_id}` or use a file:// URI"
-        )
+        ) from error
 
 
 def builtin_cache_folder(uri: str, name: str) -> Path:
@@ -245,13 +243,13 @@ def builtin_cache_folder(uri: str, name: str) -> Path:
         raise ValueError(
             f"model uri {uri!r}: unknown builtin model {name!r}; available: {sorted(BUILTIN_MODELS)}"
         )
+    gguf_path = find_builtin_gguf(uri, builtin)
     # The package version keys the cache, so upgrading the package re-dequantizes.
     version = importlib.metadata.version(builtin.distribution)
     folder = cache_root() / "builtin" / f"{name}-{builtin.distribution}-{version}"
     if (folder / "config.json").is_file():
         return folder
 
-    gguf_path = find_builtin_gguf(uri, builtin)
     started = time.perf_counter()
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Write into a sibling temp folder and rename it into place, so a crash or a second replica
