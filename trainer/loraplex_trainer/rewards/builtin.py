@@ -1,0 +1,317 @@
+"""The rewards built into the trainer (``reward.builtin``), each a pure function of one sample.
+
+Arguments (``reward.builtin.args``) per reward; an unknown argument is an error:
+
+``exact_match``: 1.0 when the answer extracted from the completion equals the row's answer.
+    ``extract`` (``auto``): how to find the answer in the completion, see ``extract_answer``.
+    ``strip`` (true): ignore leading and trailing whitespace on both sides.
+    ``casefold`` (false): compare case-insensitively.
+``numeric_match``: 1.0 when the last number in the (extracted) completion equals the numeric answer,
+    within ``tolerance`` (absolute, 1e-6) or ``rel_tolerance`` (relative to the answer, 0), whichever
+    is looser. ``extract`` (``none``: search the whole completion). Thousands commas are accepted.
+``regex_match``: 1.0 when ``pattern`` is found in the completion (``re.search``), or covers all of it
+    with ``fullmatch`` (false). ``ignore_case`` (false). Other flags go inline, e.g. ``(?s)``.
+``format``: 1.0 when ``pattern`` matches the whole completion (``.`` spans lines); ``partial`` (0.0)
+    is the credit when the pattern matches only part of it. ``strip`` (true) first trims whitespace.
+``length``: 1.0 when the completion's length is within [``min``, ``target``] (``min`` 0, ``target``
+    required) in ``unit`` ``chars`` or ``words`` (whitespace-separated); above ``target`` it falls
+    linearly to 0 at ``target + falloff`` (``falloff`` defaults to ``target``); below ``min`` it is
+    ``length / min``.
+``contains_answer``: 1.0 when the row's answer appears in the completion. ``casefold`` (false);
+    ``whole_word`` (true) stops answer ``5`` from matching inside ``15``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from loraplex_api.experiment import BUILTIN_REWARDS
+from loraplex_api.experiment import BuiltinReward as BuiltinRewardSpec
+
+from .base import RewardError, Sample, check_rewards
+
+Scorer = Callable[[Sample], float]
+Answer = Callable[[Sample], Any]  # reads the row's answer, raising RewardError when it is missing
+
+EXTRACT_MODES = ("auto", "answer_tag", "boxed", "answer_colon", "last_line", "none")
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+# "answer:" up to the end of its line; also catches "Final answer:".
+_ANSWER_COLON = re.compile(r"answer\s*:(.*)", re.IGNORECASE)
+_BOXED = "\\boxed{"
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+
+
+def extract_answer(completion: str, mode: str = "auto") -> str | None:
+    """Find the answer in a completion, or None when the chosen form is absent.
+
+    ``answer_tag``: the last ``<answer>...</answer>``; ``boxed``: the last ``\\boxed{...}`` (nested
+    braces allowed); ``answer_colon``: the rest of the line after the last ``answer:``;
+    ``last_line``: the last non-blank line; ``none``: the whole completion. ``auto`` tries
+    answer_tag, boxed, answer_colon and last_line in that order and takes the first found.
+    """
+    if mode == "none":
+        return completion
+    if mode == "auto":
+        for each in ("answer_tag", "boxed", "answer_colon", "last_line"):
+            found = extract_answer(completion, each)
+            if found is not None:
+                return found
+        return None
+    if mode == "answer_tag":
+        tags = _ANSWER_TAG.findall(completion)
+        return tags[-1] if tags else None
+    if mode == "boxed":
+        return _last_boxed(completion)
+    if mode == "answer_colon":
+        colons = _ANSWER_COLON.findall(completion)
+        return colons[-1] if colons else None
+    if mode == "last_line":
+        lines = [line for line in completion.splitlines() if line.strip()]
+        return lines[-1] if lines else None
+    raise ValueError(f"unknown extract mode {mode!r}; expected one of {', '.join(EXTRACT_MODES)}")
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth = 1
+    begin = start + len(_BOXED)
+    for i in range(begin, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:i]
+    return None  # unclosed: the model ran out of tokens mid-answer
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in ``text`` (``1,234.5`` reads as 1234.5), or None."""
+    numbers = _NUMBER.findall(text)
+    return float(numbers[-1].replace(",", "")) if numbers else None
+
+
+class _Args:
+    """Typed access to ``reward.builtin.args`` that reports every mistake under its field path."""
+
+    def __init__(self, args: Mapping[str, Any], where: str, reward: str) -> None:
+        self._args = dict(args)
+        self._where = where
+        self._reward = reward
+        self._known: list[str] = []
+
+    def _take(self, name: str) -> Any:
+        self._known.append(name)
+        return self._args.get(name)
+
+    def _error(self, name: str, message: str) -> RewardError:
+        return RewardError(f"{self._where}.args.{name}: {message}")
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self._take(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._error(name, f"{value!r} is not true or false")
+        return value
+
+    def _missing(self, name: str) -> RewardError:
+        # A missing required argument is often a typo of it; show what was given.
+        given = f" (given: {', '.join(sorted(self._args))})" if self._args else ""
+        return self._error(name, f"required by the {self._reward} reward{given}")
+
+    def number(self, name: str, default: float | None, minimum: float | None = None) -> float:
+        value = self._take(name)
+        if value is None:
+            if default is None:
+                raise self._missing(name)
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise self._error(name, f"{value!r} is not a number")
+        if minimum is not None and value < minimum:
+            raise self._error(name, f"{value} is below the minimum {minimum}")
+        return float(value)
+
+    def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
+        value = self._take(name)
+        if value is None:
+            return default
+        if value not in choices:
+            raise self._error(name, f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    def pattern(self, name: str, flags: int = 0) -> re.Pattern[str]:
+        value = self._take(name)
+        if value is None:
+            raise self._missing(name)
+        if not isinstance(value, str):
+            raise self._error(name, f"{value!r} is not a string")
+        try:
+            return re.compile(value, flags)
+        except re.error as error:
+            raise self._error(name, f"{value!r} is not a valid regular expression: {error}") from None
+
+    def finish(self) -> None:
+        """Reject arguments no reader asked for (typos would otherwise be silently ignored)."""
+        unknown = sorted(set(self._args) - set(self._known))
+        if unknown:
+            known = ", ".join(self._known) or "none"
+            raise self._error(unknown[0], f"unknown argument for {self._reward} (known: {known})")
+
+
+def _answer_reader(answer_field: str, where: str) -> Answer:
+    def answer(sample: Sample) -> Any:
+        if answer_field not in sample.row:
+            raise RewardError(f"{where}: row has no field {answer_field!r} (dataset answerField)")
+        return sample.row[answer_field]
+
+    return answer
+
+
+def _exact_match(args: _Args, answer: Answer, where: str) -> Scorer:
+    extract = args.choice("extract", "auto", EXTRACT_MODES)
+    strip = args.flag("strip", True)
+    casefold = args.flag("casefold", False)
+
+    def normalize(text: str) -> str:
+        text = text.strip() if strip else text
+        return text.casefold() if casefold else text
+
+    def score(sample: Sample) -> float:
+        found = extract_answer(sample.completion, extract)
+        if found is None:
+            return 0.0
+        return float(normalize(found) == normalize(str(answer(sample))))
+
+    return score
+
+
+def _numeric_match(args: _Args, answer: Answer, where: str) -> Scorer:
+    tolerance = args.number("tolerance", 1e-6, minimum=0.0)
+    rel_tolerance = args.number("rel_tolerance", 0.0, minimum=0.0)
+    extract = args.choice("extract", "none", EXTRACT_MODES)
+
+    def score(sample: Sample) -> float:
+        raw = answer(sample)
+        expected = _as_number(raw)
+        if expected is None:
+            raise RewardError(f"{where}: the row's answer {raw!r} is not a number")
+        found = extract_answer(sample.completion, extract)
+        got = last_number(found) if found is not None else None
+        if got is None:
+            return 0.0
+        return float(abs(got - expected) <= max(tolerance, rel_tolerance * abs(expected)))
+
+    return score
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(str(value).strip().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _regex_match(args: _Args, answer: Answer, where: str) -> Scorer:
+    ignore_case = args.flag("ignore_case", False)
+    pattern = args.pattern("pattern", re.IGNORECASE if ignore_case else 0)
+    match = pattern.fullmatch if args.flag("fullmatch", False) else pattern.search
+    return lambda sample: float(match(sample.completion) is not None)
+
+
+def _format(args: _Args, answer: Answer, where: str) -> Scorer:
+    pattern = args.pattern("pattern", re.DOTALL)
+    partial = args.number("partial", 0.0, minimum=0.0)
+    strip = args.flag("strip", True)
+
+    def score(sample: Sample) -> float:
+        text = sample.completion.strip() if strip else sample.completion
+        if pattern.fullmatch(text):
+            return 1.0
+        return partial if pattern.search(text) else 0.0
+
+    return score
+
+
+def _length(args: _Args, answer: Answer, where: str) -> Scorer:
+    target = args.number("target", None, minimum=1)
+    low = args.number("min", 0.0, minimum=0.0)
+    falloff = args.number("falloff", target, minimum=1e-9)
+    unit = args.choice("unit", "chars", ("chars", "words"))
+    if low > target:
+        raise RewardError(f"{where}.args.min: {low:g} exceeds target {target:g}")
+
+    def score(sample: Sample) -> float:
+        size = len(sample.completion) if unit == "chars" else len(sample.completion.split())
+        if size > target:
+            return max(0.0, 1.0 - (size - target) / falloff)
+        if size < low:
+            return size / low
+        return 1.0
+
+    return score
+
+
+def _contains_answer(args: _Args, answer: Answer, where: str) -> Scorer:
+    casefold = args.flag("casefold", False)
+    whole_word = args.flag("whole_word", True)
+    flags = re.IGNORECASE if casefold else 0
+
+    def score(sample: Sample) -> float:
+        expected = str(answer(sample)).strip()
+        if not expected:
+            raise RewardError(f"{where}: the row's answer is empty")
+        needle = re.escape(expected)
+        # Lookarounds rather than \b, so answers that start or end with punctuation still work.
+        if whole_word:
+            needle = rf"(?<!\w){needle}(?!\w)"
+        return float(re.search(needle, sample.completion, flags) is not None)
+
+    return score
+
+
+BUILDERS: dict[str, Callable[[_Args, Answer, str], Scorer]] = {
+    "exact_match": _exact_match,
+    "numeric_match": _numeric_match,
+    "regex_match": _regex_match,
+    "format": _format,
+    "length": _length,
+    "contains_answer": _contains_answer,
+}
+
+
+class BuiltinRewardFunction:
+    """A builtin reward: one scorer applied to every sample of the batch."""
+
+    def __init__(self, name: str, score: Scorer, where: str) -> None:
+        self.name = name
+        self._score = score
+        self._where = where
+
+    def __call__(self, samples: Sequence[Sample]) -> list[float]:
+        """Score each sample; the scorers are pure, so this never leaves state behind."""
+        return check_rewards([self._score(s) for s in samples], len(samples), self._where)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def build_builtin(spec: BuiltinRewardSpec, *, where: str, answer_field: str) -> BuiltinRewardFunction:
+    """Build the builtin reward ``spec.name`` from its args; ``where`` is the spec's field path."""
+    args = _Args(spec.args, where, spec.name)
+    answer = _answer_reader(answer_field, where)
+    if spec.name not in BUILDERS:
+        raise RewardError(f"{where}.name: unknown builtin {spec.name!r}; known: {', '.join(BUILTIN_REWARDS)}")
+    score = BUILDERS[spec.name](args, answer, where)
+    args.finish()
+    return BuiltinRewardFunction(spec.name, score, where)

@@ -1,0 +1,267 @@
+"""``reward.python``: the user's ``def f(prompt, completion, row) -> float`` in its own worker process.
+
+The function runs in a fresh interpreter (``worker_main.py``) that is sent nothing but samples,
+so user code can neither see nor corrupt the trainer's state, and a hang or crash costs only
+that worker. One worker lives as long as the experiment, so the user's imports run once; after a
+timeout or a crash it is replaced on the next call.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from loraplex_api.experiment import PythonReward as PythonRewardSpec
+
+from .base import RewardError, Sample, check_rewards, user_row
+
+logger = logging.getLogger(__name__)
+
+WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
+# Loading may import heavy libraries once; give it longer than a batch gets.
+MIN_STARTUP_SECONDS = 60.0
+_STDERR_TAIL_LINES = 20
+
+
+class _WorkerGone(Exception):
+    """The worker's stdout closed: the process exited or was killed."""
+
+
+class _Worker:
+    """One worker process and the threads that drain its pipes."""
+
+    def __init__(self, path: Path, function: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER_SCRIPT), str(path), function],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=path.parent,
+            encoding="utf-8",
+            # Its own process group, so a kill also ends whatever the user's code started.
+            start_new_session=True,
+        )
+        self.replies: queue.Queue[str | None] = queue.Queue()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        assert self.process.stdout is not None and self.process.stderr is not None
+        threading.Thread(target=self._drain_stdout, args=(self.process.stdout,), daemon=True).start()
+        threading.Thread(
+            target=self._drain_stderr, args=(self.process.stderr, path.name), daemon=True
+        ).start()
+
+    def _drain_stdout(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.replies.put(line)
+        self.replies.put(None)
+
+    def _drain_stderr(self, stream: IO[str], name: str) -> None:
+        # Drained continuously so a chatty reward never blocks on a full pipe; kept for error messages.
+        for line in stream:
+            self.stderr_tail.append(line.rstrip("\n"))
+            logger.info("reward_output file=%s line=%r", name, line.rstrip("\n"))
+
+    def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError) as error:
+            raise _WorkerGone from error
+
+    def receive(self, timeout: float) -> dict[str, Any]:
+        """The next reply; raises queue.Empty after ``timeout`` seconds, _WorkerGone at end of output."""
+        line = self.replies.get(timeout=timeout)
+        if line is None:
+            raise _WorkerGone
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def exit_description(self) -> str:
+        try:
+            code = self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "stopped answering"
+        if code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+    def stderr_text(self) -> str:
+        tail = "\n".join(self.stderr_tail)
+        return f"; its last output:\n{tail}" if tail else ""
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        """Ask the worker to exit by closing its input; kill it if it does not."""
+        try:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            self.process.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+
+class PythonFunctionReward:
+    """Calls the user's function from ``path`` in a worker process, one batch per request."""
+
+    def __init__(
+        self,
+        path: Path,
+        function: str,
+        *,
+        timeout_seconds: float,
+        where: str,
+        display: str,
+        answer_field: str = "answer",
+        temp_dir: Path | None = None,
+    ) -> None:
+        """Start the worker and load the function; a bad file or function raises RewardError now."""
+        self.path = path
+        self.function = function
+        self.timeout_seconds = timeout_seconds
+        self._where = where
+        self._name = f"{display}:{function}"
+        self._answer_field = answer_field
+        self._temp_dir = temp_dir  # a ConfigMap's text written out for the worker; ours to delete
+        self._lock = threading.Lock()
+        self._worker: _Worker | None = None
+        try:
+            self._worker = self._start()
+        except RewardError:
+            self.close()
+            raise
+
+    def _start(self) -> _Worker:
+        worker = _Worker(self.path, self.function)
+        startup = max(MIN_STARTUP_SECONDS, self.timeout_seconds)
+        try:
+            reply = worker.receive(startup)
+        except queue.Empty:
+            worker.kill()
+            raise RewardError(f"{self._where}: {self._name} did not load within {startup:g}s") from None
+        except _WorkerGone:
+            raise RewardError(
+                f"{self._where}: the worker loading {self._name} {worker.exit_description()}"
+                f"{worker.stderr_text()}"
+            ) from None
+        if "error" in reply:
+            worker.stop()
+            raise RewardError(f"{self._where}: cannot load {self._name}: {self._describe(reply['error'])}")
+        logger.info("reward_worker_started function=%s pid=%d", self._name, worker.process.pid)
+        return worker
+
+    def _describe(self, error: dict[str, Any]) -> str:
+        where = [f"sample {error['sample']}"] if error.get("sample") is not None else []
+        if error.get("line") is not None:
+            where.append(f"{self.path.name} line {error['line']}")
+        suffix = f" ({', '.join(where)})" if where else ""
+        return f"{error['type']}: {error['message']}{suffix}"
+
+    def __call__(self, samples: Sequence[Sample]) -> list[float]:
+        """Score a batch in the worker within ``timeout_seconds``; any failure raises RewardError."""
+        if not samples:
+            return []
+        with self._lock:
+            worker = self._worker if self._worker is not None else self._start()
+            self._worker = worker
+            request = {
+                "samples": [[s.prompt, s.completion, user_row(s.row, self._answer_field)] for s in samples]
+            }
+            try:
+                worker.send(request)
+                reply = worker.receive(self.timeout_seconds)
+            except queue.Empty:
+                worker.kill()
+                self._worker = None
+                raise RewardError(
+                    f"{self._where}: {self._name} did not return within {self.timeout_seconds:g}s "
+                    f"for a batch of {len(samples)}; the worker was killed and restarts on the next call"
+                ) from None
+            except _WorkerGone:
+                self._worker = None
+                raise RewardError(
+                    f"{self._where}: the worker running {self._name} {worker.exit_description()} "
+                    f"while scoring a batch of {len(samples)}{worker.stderr_text()}"
+                ) from None
+            except TypeError as error:  # a row that JSON cannot carry
+                raise RewardError(
+                    f"{self._where}: cannot send the samples to {self._name}: {error}"
+                ) from None
+        if "error" in reply:
+            if reply["error"].get("traceback"):
+                logger.warning("reward_raised function=%s\n%s", self._name, reply["error"]["traceback"])
+            raise RewardError(f"{self._where}: {self._name} raised {self._describe(reply['error'])}")
+        return check_rewards(reply["rewards"], len(samples), f"{self._where}: {self._name}")
+
+    def close(self) -> None:
+        """Stop the worker and delete the ConfigMap copy, if any."""
+        with self._lock:
+            if self._worker is not None:
+                self._worker.stop()
+                self._worker = None
+            if self._temp_dir is not None:
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
+                self._temp_dir = None
+
+
+def build_python(
+    spec: PythonRewardSpec,
+    *,
+    where: str,
+    base_dir: Path,
+    config_maps: Mapping[tuple[str, str], str] | None,
+    answer_field: str,
+) -> PythonFunctionReward:
+    """Resolve the function's source (a file under ``base_dir`` or ConfigMap text) and start its worker."""
+    if spec.file is not None:
+        path = Path(spec.file) if Path(spec.file).is_absolute() else base_dir / spec.file
+        if not path.is_file():
+            raise RewardError(f"{where}.file: {spec.file}: no such file (looked for {path})")
+        return PythonFunctionReward(
+            path,
+            spec.function,
+            timeout_seconds=spec.timeout_seconds,
+            where=where,
+            display=spec.file,
+            answer_field=answer_field,
+        )
+    assert spec.config_map is not None  # the model guarantees exactly one source
+    ref = (spec.config_map.name, spec.config_map.key)
+    if config_maps is None:
+        raise RewardError(
+            f"{where}.configMap: {ref[0]}/{ref[1]} cannot be read here (standalone mode has no "
+            f"ConfigMaps); use {where}.file instead"
+        )
+    if ref not in config_maps:
+        raise RewardError(f"{where}.configMap: ConfigMap {ref[0]} has no key {ref[1]!r}")
+    temp_dir = Path(tempfile.mkdtemp(prefix="loraplex-reward-"))
+    # The key is the file name (ConfigMap keys are safe file names); a .py suffix makes tracebacks read well.
+    path = temp_dir / (ref[1] if ref[1].endswith(".py") else f"{ref[1]}.py")
+    path.write_text(config_maps[ref], encoding="utf-8")
+    return PythonFunctionReward(
+        path,
+        spec.function,
+        timeout_seconds=spec.timeout_seconds,
+        where=where,
+        display=f"configMap {ref[0]}/{ref[1]}",
+        answer_field=answer_field,
+        temp_dir=temp_dir,
+    )
