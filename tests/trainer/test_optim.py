@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from loraplex_trainer.adapters import MultiLoRAModel
+from loraplex_trainer.model_host import BaseModel
+from loraplex_trainer.multilora import AdapterConfig
 from loraplex_trainer.optim import AdapterOptimizer, NonFiniteError, OptimizerConfig
 from torch import nn
 
@@ -16,7 +19,7 @@ CONFIG = OptimizerConfig(learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0
 
 @dataclass
 class TwoAdapters:
-    """Two adapters that share one forward: rows 0-1 use A, rows 2-3 use B."""
+    """Two adapters of one MultiLoRAModel that share one forward: rows 0-1 use A, rows 2-3 use B."""
 
     loss: Callable[[], torch.Tensor]
     a: list[nn.Parameter]
@@ -24,18 +27,21 @@ class TwoAdapters:
 
 
 @pytest.fixture
-def two_adapters() -> TwoAdapters:
-    torch.manual_seed(0)
-    base = nn.Linear(8, 8, bias=False).requires_grad_(False)
-    a = [nn.Parameter(torch.randn(2, 8)), nn.Parameter(torch.randn(8, 2))]
-    b = [nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(8, 4))]
-    x = torch.randn(4, 8)
+def two_adapters(tiny_base: BaseModel) -> TwoAdapters:
+    model = MultiLoRAModel(tiny_base.model)
+    generator = torch.Generator().manual_seed(0)
+    for seed, (name, rank) in enumerate([("a", 4), ("b", 2)]):
+        model.add_adapter(name, AdapterConfig(rank=rank, alpha=2.0 * rank), seed=seed)
+        with torch.no_grad():  # random B (PEFT starts it at zero) so both A and B get gradients
+            for param in model.adapter_parameters(name)[1::2]:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    input_ids = torch.randint(0, len(tiny_base.tokenizer), (4, 6), generator=generator)
 
     def loss() -> torch.Tensor:
-        lora = torch.cat([x[:2] @ a[0].T @ a[1].T, x[2:] @ b[0].T @ b[1].T])
-        return (base(x) + lora).pow(2).sum()
+        with model.use_adapters(["a", "a", "b", "b"]):
+            return model(input_ids=input_ids, labels=input_ids).loss
 
-    return TwoAdapters(loss, a, b)
+    return TwoAdapters(loss, model.adapter_parameters("a"), model.adapter_parameters("b"))
 
 
 def snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -64,6 +70,7 @@ def test_step_of_one_adapter_leaves_the_other_untouched(two_adapters: TwoAdapter
     b_weights, b_grads = snapshot(two_adapters.b), [p.grad.clone() for p in two_adapters.b]
     b_state = {k: {n: t.clone() for n, t in v.items()} for k, v in opt_b.state_dict()["state"].items()}
     a_weights = snapshot(two_adapters.a)
+    assert all(g.abs().sum() > 0 for g in b_grads)
 
     opt_a.step()
 
@@ -79,9 +86,9 @@ def test_step_of_one_adapter_leaves_the_other_untouched(two_adapters: TwoAdapter
 
 def test_grad_norm_is_clipped_per_adapter(two_adapters: TwoAdapters) -> None:
     opt_a = AdapterOptimizer(two_adapters.a, CONFIG)
-    opt_b = AdapterOptimizer(two_adapters.b, OptimizerConfig(learning_rate=1e-2, max_grad_norm=None))
+    opt_b = AdapterOptimizer(two_adapters.b, CONFIG)
     two_adapters.loss().backward()
-    # A large, B small: each is measured and clipped on its own.
+    # A large, B small: a global clip would shrink B by A's norm too; here each is clipped on its own.
     for p in two_adapters.a:
         p.grad.mul_(100.0)
     scale_b = 1e-6 / grad_norm(two_adapters.b)
@@ -98,10 +105,11 @@ def test_grad_norm_is_clipped_per_adapter(two_adapters: TwoAdapters) -> None:
 def test_clipping_is_off_without_max_grad_norm(two_adapters: TwoAdapters) -> None:
     opt = AdapterOptimizer(two_adapters.a, OptimizerConfig(learning_rate=1e-2, max_grad_norm=None))
     two_adapters.loss().backward()
-    norm = grad_norm(two_adapters.a)
-    assert norm > 1.0
-    assert opt.step() == pytest.approx(norm, rel=1e-5)
-    assert grad_norm(two_adapters.a) == pytest.approx(norm, rel=1e-5)
+    scale = 10.0 / grad_norm(two_adapters.a)  # well above the default limit of 1
+    for p in two_adapters.a:
+        p.grad.mul_(scale)
+    assert opt.step() == pytest.approx(10.0, rel=1e-5)
+    assert grad_norm(two_adapters.a) == pytest.approx(10.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
