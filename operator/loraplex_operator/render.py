@@ -1,0 +1,323 @@
+"""A pool's children as manifests: the trainer StatefulSet, its Services and the promoted-adapters ConfigMap.
+
+Everything here is a pure function of the SharedBasePool; the controller
+applies what it returns. Replica names are the StatefulSet's pod names
+(``<pool>-<ordinal>``), which is what the scheduler places experiments on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from loraplex_api import API_VERSION, SharedBasePool
+
+TRAINER_CONTAINER = "trainer"
+HEALTH_PORT = 8081
+METRICS_PORT = 9400
+STORAGE_MOUNT = "/var/lib/loraplex"
+MODEL_MOUNT = "/models"
+HF_CACHE_MOUNT = "/var/cache/huggingface"
+CACHE_MOUNT = "/var/cache/loraplex"
+RUN_AS = 1000
+MAX_POOL_NAME = 52
+"""The StatefulSet controller labels pods with ``<name>-<10-char hash>``, and a label value has 63 characters."""
+
+POOL_LABEL = "loraplex.dev/pool"
+REPLICA_LABEL = "loraplex.dev/replica"
+POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
+TRAINER_NAME = "loraplex-trainer"
+RESERVED_ENV = frozenset({"POD_NAME", "POD_NAMESPACE", "LORAPLEX_POOL"})
+
+
+class RenderError(ValueError):
+    """The pool cannot be rendered; the message names the field and what would be right."""
+
+
+def statefulset_name(pool: str) -> str:
+    """The trainer StatefulSet's name: the pool's own, so pods are ``<pool>-0``, ``<pool>-1``..."""
+    return pool
+
+
+def headless_service_name(pool: str) -> str:
+    """The headless Service that gives every replica a stable DNS name."""
+    return f"{pool}-headless"
+
+
+def metrics_service_name(pool: str) -> str:
+    """The Service Prometheus (or a ServiceMonitor) scrapes the trainer metrics through."""
+    return f"{pool}-metrics"
+
+
+def promoted_configmap_name(pool: str) -> str:
+    """The ConfigMap mapping adapter names to the checkpoint URIs promoted for serving."""
+    return f"{pool}-promoted-adapters"
+
+
+def selector_labels(pool: str) -> dict[str, str]:
+    """Labels that select a pool's trainer pods (immutable once a StatefulSet exists)."""
+    return {"app.kubernetes.io/name": TRAINER_NAME, "app.kubernetes.io/instance": pool, POOL_LABEL: pool}
+
+
+def selector_string(pool: str) -> str:
+    """The same selector as a string, for the pool's ``status.selector`` (the /scale subresource)."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(pool).items())
+
+
+def common_labels(pool: str, component: str = "trainer") -> dict[str, str]:
+    """Labels on everything a pool owns."""
+    return {
+        **selector_labels(pool),
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "loraplex",
+        "app.kubernetes.io/managed-by": "loraplex-operator",
+    }
+
+
+def owner_reference(pool: SharedBasePool) -> dict[str, Any]:
+    """The owner reference that lets the garbage collector delete a pool's children with it."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "SharedBasePool",
+        "name": pool.metadata.name,
+        "uid": pool.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(pool: SharedBasePool, name: str, component: str = "trainer") -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": pool.metadata.namespace,
+        "labels": common_labels(pool.metadata.name, component),
+        "ownerReferences": [owner_reference(pool)],
+    }
+
+
+def check_renderable(pool: SharedBasePool) -> None:
+    """Raise RenderError for a pool whose children Kubernetes would refuse."""
+    name = pool.metadata.name
+    if len(name) > MAX_POOL_NAME:
+        raise RenderError(
+            f"metadata.name: {name!r} has {len(name)} characters; a pool name must have at most "
+            f"{MAX_POOL_NAME} so its pods' controller-revision-hash label fits in 63"
+        )
+    if pool.metadata.uid is None:
+        raise RenderError("metadata.uid: missing; the pool must be read from the API server")
+
+
+def render_statefulset(pool: SharedBasePool, *, default_service_account: str | None = None) -> dict[str, Any]:
+    """The trainer StatefulSet: one pod per replica, all hosting the pool's base model."""
+    check_renderable(pool)
+    spec = pool.spec
+    name = pool.metadata.name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(pool, statefulset_name(name)),
+        "spec": {
+            # A suspended pool keeps spec.replicas so resuming restores it.
+            "replicas": 0 if spec.suspend else spec.replicas,
+            "serviceName": headless_service_name(name),
+            # Replicas are interchangeable hosts: start and stop them all at once, not one by one.
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector_labels(name)},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": _pod_template(pool, default_service_account),
+        },
+    }
+
+
+def _pod_template(pool: SharedBasePool, default_service_account: str | None) -> dict[str, Any]:
+    trainer = pool.spec.trainer
+    volumes, mounts, env = _volumes(pool)
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": trainer.image,
+        "imagePullPolicy": trainer.image_pull_policy,
+        "args": [
+            "loraplex",
+            "agent",
+            f"--storage={STORAGE_MOUNT}",
+            f"--health-port={HEALTH_PORT}",
+            f"--metrics-port={METRICS_PORT}",
+        ],
+        "env": _env(pool) + env,
+        "ports": [
+            {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "resources": trainer.resources.wire(),
+        # Loading a large base model can take many minutes: the startup probe holds the liveness
+        # probe back for up to 30 minutes, after which a hung trainer is restarted within a minute.
+        "startupProbe": _probe("/healthz", period=10, failures=180),
+        "livenessProbe": _probe("/healthz", period=20, failures=3),
+        "readinessProbe": _probe("/readyz", period=5, failures=2),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": mounts,
+    }
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        # Time for the trainer to write a last checkpoint of every adapter on SIGTERM.
+        "terminationGracePeriodSeconds": 120,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    service_account = trainer.service_account_name or default_service_account
+    if service_account:
+        pod["serviceAccountName"] = service_account
+    if trainer.priority_class_name:
+        pod["priorityClassName"] = trainer.priority_class_name
+    if trainer.node_selector:
+        pod["nodeSelector"] = dict(trainer.node_selector)
+    if trainer.tolerations:
+        pod["tolerations"] = [dict(t) for t in trainer.tolerations]
+    if trainer.affinity:
+        pod["affinity"] = dict(trainer.affinity)
+    return {"metadata": {"labels": common_labels(pool.metadata.name)}, "spec": pod}
+
+
+def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "health"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _env(pool: SharedBasePool) -> list[dict[str, Any]]:
+    """The user's env first, then the identity the agent reads (which a user's entry cannot shadow)."""
+    env = [e.wire() for e in pool.spec.trainer.env if e.name not in RESERVED_ENV]
+    env += [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "LORAPLEX_POOL", "value": pool.metadata.name},
+    ]
+    return env
+
+
+def _volumes(pool: SharedBasePool) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes, the trainer's mounts and the env that tells it where they are."""
+    storage = pool.spec.storage
+    sub_path = storage.sub_path.strip("/")
+    volumes: list[dict[str, Any]] = [
+        # The root filesystem is read-only; Python, torch and the tokenizers still want scratch space.
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        # Shared memory for rollout engines (vLLM, torch multiprocessing); the default 64Mi is too small.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": CACHE_MOUNT},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "LORAPLEX_CACHE", "value": CACHE_MOUNT},
+    ]
+
+    if storage.claim_name:
+        volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": storage.claim_name}})
+        mounts.append(_mount("storage", STORAGE_MOUNT, sub_path))
+    else:
+        volumes.append({"name": "storage", "emptyDir": {}})
+        mounts.append({"name": "storage", "mountPath": STORAGE_MOUNT})
+
+    uri = pool.spec.model.uri
+    if uri.startswith("pvc://"):
+        claim, _, path = uri.removeprefix("pvc://").partition("/")
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": f"{MODEL_MOUNT}/{claim}", "readOnly": True})
+        # The trainer loads local folders only; this is where the claim's model folder appears.
+        env.append(
+            {"name": "LORAPLEX_MODEL_URI", "value": f"file://{MODEL_MOUNT}/{claim}/{path}".rstrip("/")}
+        )
+    elif uri.startswith("hf://"):
+        # The trainer never downloads: the Hugging Face cache must already hold the model. With
+        # shared storage it lives there (fill it once with `hf download`), else in an emptyDir that
+        # an init container or a custom image has to fill.
+        if storage.claim_name:
+            cache_path = f"{sub_path}/huggingface" if sub_path else "huggingface"
+            mounts.append(_mount("storage", HF_CACHE_MOUNT, cache_path))
+        else:
+            volumes.append({"name": "hf-cache", "emptyDir": {}})
+            mounts.append({"name": "hf-cache", "mountPath": HF_CACHE_MOUNT})
+        env += [{"name": "HF_HOME", "value": HF_CACHE_MOUNT}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    return volumes, mounts, env
+
+
+def _mount(volume: str, path: str, sub_path: str) -> dict[str, Any]:
+    mount = {"name": volume, "mountPath": path}
+    if sub_path:
+        mount["subPath"] = sub_path
+    return mount
+
+
+def render_headless_service(pool: SharedBasePool) -> dict[str, Any]:
+    """The headless Service behind the StatefulSet: stable DNS per replica, ready or not."""
+    check_renderable(pool)
+    name = pool.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(pool, headless_service_name(name)),
+        "spec": {
+            "clusterIP": "None",
+            # A replica loading its model is not ready yet, but must still be resolvable.
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(name),
+            "ports": [{"name": "health", "port": HEALTH_PORT, "targetPort": "health", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_metrics_service(pool: SharedBasePool) -> dict[str, Any]:
+    """The Service that exposes every replica's trainer metrics to Prometheus."""
+    check_renderable(pool)
+    name = pool.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(pool, metrics_service_name(name), component="trainer-metrics"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_promoted_configmap(pool: SharedBasePool, adapters: Mapping[str, str]) -> dict[str, Any]:
+    """The promoted-adapters ConfigMap: adapter name (the experiment's name) -> checkpoint URI."""
+    check_renderable(pool)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(pool, promoted_configmap_name(pool.metadata.name), component="adapters"),
+        "data": dict(sorted(adapters.items())),
+    }
+
+
+def render_children(
+    pool: SharedBasePool, *, default_service_account: str | None = None
+) -> list[dict[str, Any]]:
+    """Every child the pool owns except the ConfigMap (whose data comes from the experiments)."""
+    return [
+        render_statefulset(pool, default_service_account=default_service_account),
+        render_headless_service(pool),
+        render_metrics_service(pool),
+    ]

@@ -1,0 +1,228 @@
+"""Tests for rendering a pool's children: schema-valid for Kubernetes 1.37, owned, labelled, configured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from loraplex_api import SharedBasePool
+from loraplex_operator.render import (
+    HEALTH_PORT,
+    METRICS_PORT,
+    RenderError,
+    render_children,
+    render_headless_service,
+    render_metrics_service,
+    render_promoted_configmap,
+    render_statefulset,
+    selector_string,
+)
+
+K8S_VERSION = "1.37.0"
+
+
+def make_pool(**spec: Any) -> SharedBasePool:
+    base: dict[str, Any] = {"model": {"name": "smollm2", "uri": "builtin://smollm2-135m-instruct"}}
+    base.update(spec)
+    return SharedBasePool.model_validate(
+        {
+            "apiVersion": "loraplex.dev/v1alpha1",
+            "kind": "SharedBasePool",
+            "metadata": {"name": "smol", "namespace": "team-a", "uid": "uid-1", "generation": 1},
+            "spec": base,
+        }
+    )
+
+
+def full_pool() -> SharedBasePool:
+    return make_pool(
+        model={"name": "llama", "uri": "pvc://models/llama-3-8b", "dtype": "bfloat16"},
+        replicas=3,
+        trainer={
+            "image": "registry.example/trainer:1.2",
+            "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "64Gi"}, "requests": {"cpu": "8"}},
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 100,
+                            "podAffinityTerm": {
+                                "topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {"matchLabels": {"loraplex.dev/pool": "smol"}},
+                            },
+                        }
+                    ]
+                }
+            },
+            "env": [
+                {"name": "NCCL_DEBUG", "value": "WARN"},
+                {"name": "POD_NAME", "value": "shadowed"},
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+            ],
+            "serviceAccountName": "trainer-sa",
+            "priorityClassName": "training",
+        },
+        storage={"claimName": "shared-rwx", "subPath": "team-a/smol"},
+    )
+
+
+def container(sts: dict[str, Any]) -> dict[str, Any]:
+    return sts["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize(
+    "pool", [make_pool(), full_pool(), make_pool(model={"name": "q", "uri": "hf://Qwen/Qwen3-0.6B"})]
+)
+def test_every_child_is_a_valid_kubernetes_object(pool: SharedBasePool) -> None:
+    children = [*render_children(pool), render_promoted_configmap(pool, {"exp-a": "file:///ckpt/a"})]
+    for child in children:
+        kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+def test_children_are_owned_by_the_pool_and_labelled() -> None:
+    pool = make_pool()
+    for child in [*render_children(pool), render_promoted_configmap(pool, {})]:
+        meta = child["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "loraplex.dev/v1alpha1",
+                "kind": "SharedBasePool",
+                "name": "smol",
+                "uid": "uid-1",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["labels"]["loraplex.dev/pool"] == "smol"
+        assert meta["labels"]["app.kubernetes.io/part-of"] == "loraplex"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "loraplex-operator"
+
+
+def test_statefulset_follows_the_trainer_spec() -> None:
+    sts = render_statefulset(full_pool())
+    spec = sts["spec"]
+    pod = spec["template"]["spec"]
+    c = container(sts)
+    assert sts["metadata"]["name"] == "smol"
+    assert spec["replicas"] == 3
+    assert spec["podManagementPolicy"] == "Parallel"
+    assert spec["serviceName"] == "smol-headless"
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert c["image"] == "registry.example/trainer:1.2"
+    assert c["args"][:2] == ["loraplex", "agent"]
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1, "memory": "64Gi"}, "requests": {"cpu": "8"}}
+    assert pod["nodeSelector"] == {"gpu": "h100"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "podAntiAffinity" in pod["affinity"]
+    assert pod["serviceAccountName"] == "trainer-sa"
+    assert pod["priorityClassName"] == "training"
+
+
+def test_pod_identity_env_cannot_be_shadowed() -> None:
+    env = container(render_statefulset(full_pool()))["env"]
+    by_name = {e["name"]: e for e in env}
+    assert [e["name"] for e in env].count("POD_NAME") == 1
+    assert by_name["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert by_name["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert by_name["LORAPLEX_POOL"]["value"] == "smol"
+    assert by_name["NCCL_DEBUG"]["value"] == "WARN"
+    assert by_name["TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "s", "key": "k"}
+
+
+def test_probes_ports_and_security() -> None:
+    sts = render_statefulset(make_pool())
+    c = container(sts)
+    pod = sts["spec"]["template"]["spec"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "health": HEALTH_PORT,
+        "metrics": METRICS_PORT,
+    }
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+
+
+def test_storage_claim_with_sub_path_and_pvc_model() -> None:
+    sts = render_statefulset(full_pool())
+    pod = sts["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in container(sts)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["storage"] == {"name": "storage", "persistentVolumeClaim": {"claimName": "shared-rwx"}}
+    assert mounts["storage"]["subPath"] == "team-a/smol"
+    assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    assert mounts["model"] == {"name": "model", "mountPath": "/models/models", "readOnly": True}
+    env = {e["name"]: e.get("value") for e in container(sts)["env"]}
+    assert env["LORAPLEX_MODEL_URI"] == "file:///models/models/llama-3-8b"
+
+
+def test_without_storage_claim_checkpoints_go_to_an_empty_dir() -> None:
+    pod = render_statefulset(make_pool())["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["storage"] == {"name": "storage", "emptyDir": {}}
+    assert "model" not in volumes
+
+
+def test_hf_model_gets_an_offline_hugging_face_cache() -> None:
+    sts = render_statefulset(make_pool(model={"name": "q", "uri": "hf://Qwen/Qwen3-0.6B"}))
+    env = {e["name"]: e.get("value") for e in container(sts)["env"]}
+    mounts = {m["mountPath"]: m for m in container(sts)["volumeMounts"]}
+    assert env["HF_HOME"] == "/var/cache/huggingface"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert mounts["/var/cache/huggingface"]["name"] == "hf-cache"
+
+    shared = make_pool(model={"name": "q", "uri": "hf://Qwen/Qwen3-0.6B"}, storage={"claimName": "rwx"})
+    mounts = {m["mountPath"]: m for m in container(render_statefulset(shared))["volumeMounts"]}
+    assert mounts["/var/cache/huggingface"] == {
+        "name": "storage",
+        "mountPath": "/var/cache/huggingface",
+        "subPath": "huggingface",
+    }
+
+
+def test_suspended_pool_scales_to_zero_but_keeps_its_spec() -> None:
+    pool = make_pool(replicas=4, suspend=True)
+    assert render_statefulset(pool)["spec"]["replicas"] == 0
+    assert pool.spec.replicas == 4
+
+
+def test_default_service_account_applies_only_when_the_pool_names_none() -> None:
+    plain = render_statefulset(make_pool(), default_service_account="loraplex-trainer")
+    assert plain["spec"]["template"]["spec"]["serviceAccountName"] == "loraplex-trainer"
+    named = render_statefulset(full_pool(), default_service_account="loraplex-trainer")
+    assert named["spec"]["template"]["spec"]["serviceAccountName"] == "trainer-sa"
+
+
+def test_services_select_the_trainer_pods() -> None:
+    pool = make_pool()
+    headless = render_headless_service(pool)
+    metrics = render_metrics_service(pool)
+    pod_labels = render_statefulset(pool)["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert metrics["spec"]["ports"][0]["port"] == METRICS_PORT
+    for svc in (headless, metrics):
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert selector_string("smol") == (
+        "app.kubernetes.io/name=loraplex-trainer,app.kubernetes.io/instance=smol,loraplex.dev/pool=smol"
+    )
+
+
+def test_promoted_configmap_maps_adapter_names_to_uris() -> None:
+    cm = render_promoted_configmap(make_pool(), {"b": "s3://x/b", "a": "file:///a"})
+    assert cm["metadata"]["name"] == "smol-promoted-adapters"
+    assert cm["data"] == {"a": "file:///a", "b": "s3://x/b"}
+
+
+def test_a_name_too_long_for_statefulset_pods_is_refused_with_the_field() -> None:
+    pool = make_pool()
+    pool.metadata.name = "p" * 60
+    with pytest.raises(RenderError, match=r"metadata.name: .* at most 52"):
+        render_statefulset(pool)
