@@ -23,14 +23,14 @@ Arguments (``reward.builtin.args``) per reward; an unknown argument is an error:
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loraplex_api.experiment import BUILTIN_REWARDS
 from loraplex_api.experiment import BuiltinReward as BuiltinRewardSpec
 
+from ..builtin_args import ArgReader
 from .base import RewardError, Sample, check_rewards
 
 Scorer = Callable[[Sample], float]
@@ -97,74 +97,6 @@ def last_number(text: str) -> float | None:
     return float(numbers[-1].replace(",", "")) if numbers else None
 
 
-class _Args:
-    """Typed access to ``reward.builtin.args`` that reports every mistake under its field path."""
-
-    def __init__(self, args: Mapping[str, Any], where: str, reward: str) -> None:
-        self._args = dict(args)
-        self._where = where
-        self._reward = reward
-        self._known: list[str] = []
-
-    def _take(self, name: str) -> Any:
-        self._known.append(name)
-        return self._args.get(name)
-
-    def _error(self, name: str, message: str) -> RewardError:
-        return RewardError(f"{self._where}.args.{name}: {message}")
-
-    def flag(self, name: str, default: bool) -> bool:
-        value = self._take(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._error(name, f"{value!r} is not true or false")
-        return value
-
-    def _missing(self, name: str) -> RewardError:
-        # A missing required argument is often a typo of it; show what was given.
-        given = f" (given: {', '.join(sorted(self._args))})" if self._args else ""
-        return self._error(name, f"required by the {self._reward} reward{given}")
-
-    def number(self, name: str, default: float | None, minimum: float | None = None) -> float:
-        value = self._take(name)
-        if value is None:
-            if default is None:
-                raise self._missing(name)
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise self._error(name, f"{value!r} is not a number")
-        if minimum is not None and value < minimum:
-            raise self._error(name, f"{value} is below the minimum {minimum}")
-        return float(value)
-
-    def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
-        value = self._take(name)
-        if value is None:
-            return default
-        if value not in choices:
-            raise self._error(name, f"{value!r} is not one of {', '.join(choices)}")
-        return str(value)
-
-    def pattern(self, name: str, flags: int = 0) -> re.Pattern[str]:
-        value = self._take(name)
-        if value is None:
-            raise self._missing(name)
-        if not isinstance(value, str):
-            raise self._error(name, f"{value!r} is not a string")
-        try:
-            return re.compile(value, flags)
-        except re.error as error:
-            raise self._error(name, f"{value!r} is not a valid regular expression: {error}") from None
-
-    def finish(self) -> None:
-        """Reject arguments no reader asked for (typos would otherwise be silently ignored)."""
-        unknown = sorted(set(self._args) - set(self._known))
-        if unknown:
-            known = ", ".join(self._known) or "none"
-            raise self._error(unknown[0], f"unknown argument for {self._reward} (known: {known})")
-
-
 def _answer_reader(answer_field: str, where: str) -> Answer:
     def answer(sample: Sample) -> Any:
         if answer_field not in sample.row:
@@ -174,7 +106,7 @@ def _answer_reader(answer_field: str, where: str) -> Answer:
     return answer
 
 
-def _exact_match(args: _Args, answer: Answer, where: str) -> Scorer:
+def _exact_match(args: ArgReader, answer: Answer, where: str) -> Scorer:
     extract = args.choice("extract", "auto", EXTRACT_MODES)
     strip = args.flag("strip", True)
     casefold = args.flag("casefold", False)
@@ -192,7 +124,7 @@ def _exact_match(args: _Args, answer: Answer, where: str) -> Scorer:
     return score
 
 
-def _numeric_match(args: _Args, answer: Answer, where: str) -> Scorer:
+def _numeric_match(args: ArgReader, answer: Answer, where: str) -> Scorer:
     tolerance = args.number("tolerance", 1e-6, minimum=0.0)
     rel_tolerance = args.number("rel_tolerance", 0.0, minimum=0.0)
     extract = args.choice("extract", "none", EXTRACT_MODES)
@@ -222,14 +154,14 @@ def _as_number(value: Any) -> float | None:
         return None
 
 
-def _regex_match(args: _Args, answer: Answer, where: str) -> Scorer:
+def _regex_match(args: ArgReader, answer: Answer, where: str) -> Scorer:
     ignore_case = args.flag("ignore_case", False)
     pattern = args.pattern("pattern", re.IGNORECASE if ignore_case else 0)
     match = pattern.fullmatch if args.flag("fullmatch", False) else pattern.search
     return lambda sample: float(match(sample.completion) is not None)
 
 
-def _format(args: _Args, answer: Answer, where: str) -> Scorer:
+def _format(args: ArgReader, answer: Answer, where: str) -> Scorer:
     pattern = args.pattern("pattern", re.DOTALL)
     partial = args.number("partial", 0.0, minimum=0.0)
     strip = args.flag("strip", True)
@@ -243,7 +175,7 @@ def _format(args: _Args, answer: Answer, where: str) -> Scorer:
     return score
 
 
-def _length(args: _Args, answer: Answer, where: str) -> Scorer:
+def _length(args: ArgReader, answer: Answer, where: str) -> Scorer:
     target = args.number("target", None, minimum=1)
     low = args.number("min", 0.0, minimum=0.0)
     falloff = args.number("falloff", target, minimum=1e-9)
@@ -262,7 +194,7 @@ def _length(args: _Args, answer: Answer, where: str) -> Scorer:
     return score
 
 
-def _contains_answer(args: _Args, answer: Answer, where: str) -> Scorer:
+def _contains_answer(args: ArgReader, answer: Answer, where: str) -> Scorer:
     casefold = args.flag("casefold", False)
     whole_word = args.flag("whole_word", True)
     flags = re.IGNORECASE if casefold else 0
@@ -280,7 +212,7 @@ def _contains_answer(args: _Args, answer: Answer, where: str) -> Scorer:
     return score
 
 
-BUILDERS: dict[str, Callable[[_Args, Answer, str], Scorer]] = {
+BUILDERS: dict[str, Callable[[ArgReader, Answer, str], Scorer]] = {
     "exact_match": _exact_match,
     "numeric_match": _numeric_match,
     "regex_match": _regex_match,
@@ -308,7 +240,7 @@ class BuiltinRewardFunction:
 
 def build_builtin(spec: BuiltinRewardSpec, *, where: str, answer_field: str) -> BuiltinRewardFunction:
     """Build the builtin reward ``spec.name`` from its args; ``where`` is the spec's field path."""
-    args = _Args(spec.args, where, spec.name)
+    args = ArgReader(spec.args, where=where, owner=f"the {spec.name} reward", error=RewardError)
     answer = _answer_reader(answer_field, where)
     if spec.name not in BUILDERS:
         raise RewardError(f"{where}.name: unknown builtin {spec.name!r}; known: {', '.join(BUILTIN_REWARDS)}")
