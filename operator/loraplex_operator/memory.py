@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 ALL_LINEAR = "all-linear"
 """The ``spec.lora.targetModules`` value that targets every linear module of the model."""
@@ -45,7 +45,8 @@ KV_BYTES_PER_VALUE = 2
 """KV cache entries are kept in the 16-bit compute dtype (bf16 or fp16)."""
 
 
-class LinearShape(NamedTuple):
+@dataclass(frozen=True)
+class LinearShape:
     """Shape of one kind of linear module (e.g. ``q_proj``) and how many layers have it."""
 
     in_features: int
