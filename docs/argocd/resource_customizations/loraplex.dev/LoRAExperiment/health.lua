@@ -1,7 +1,8 @@
--- Argo CD health of a loraplex.dev LoRAExperiment, read from the conditions the operator writes.
--- Degraded: Failed. Suspended: Suspended. Healthy: Succeeded, or Training with Ready (an experiment
--- that trains well is healthy; waiting for hours-long training to finish would stall every sync).
--- Progressing: not yet observed at this generation, waiting for a replica, placed, loading.
+-- Argo CD health of a loraplex.dev LoRAExperiment, read from the conditions the operator writes,
+-- in the order of its display phase: Failed, Succeeded, Suspended, Training, Placed, Pending.
+-- Degraded: Failed. Healthy: Succeeded, or Training with Ready (an experiment that trains well is
+-- healthy; waiting for hours-long training to finish would stall every sync). Suspended: Suspended.
+-- Progressing: not yet observed at this generation, loading, waiting for a replica or the trainer.
 local hs = {}
 
 local function condition(kind)
@@ -66,13 +67,6 @@ if isTrue(failed) then
   return hs
 end
 
-local suspended = condition("Suspended")
-if isTrue(suspended) then
-  hs.status = "Suspended"
-  hs.message = describe("Suspended", suspended)
-  return hs
-end
-
 local succeeded = condition("Succeeded")
 if isTrue(succeeded) then
   hs.status = "Healthy"
@@ -80,16 +74,24 @@ if isTrue(succeeded) then
   return hs
 end
 
+local suspended = condition("Suspended")
+if isTrue(suspended) then
+  hs.status = "Suspended"
+  hs.message = describe("Suspended", suspended)
+  return hs
+end
+
 local training = condition("Training")
-if isTrue(training) then
-  local ready = condition("Ready")
-  if isTrue(ready) then
-    hs.status = "Healthy"
-    hs.message = "Training: " .. steps()
-  else
-    hs.status = "Progressing"
-    hs.message = describe("Starting training", ready, training)
-  end
+local ready = condition("Ready")
+if isTrue(training) and isTrue(ready) then
+  hs.status = "Healthy"
+  hs.message = "Training: " .. steps()
+  return hs
+end
+-- Training Unknown: the adapter is loading, or the trainer's heartbeat is overdue.
+if training ~= nil and training.status ~= "False" then
+  hs.status = "Progressing"
+  hs.message = describe("Starting training", training, ready)
   return hs
 end
 
