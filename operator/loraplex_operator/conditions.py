@@ -100,15 +100,16 @@ def apply_all(
 
 def experiment_phase(conditions: Sequence[Condition]) -> Phase:
     """The display phase: the first of Failed, Succeeded, Suspended, Training, Placed that is True, else Pending."""
-    for type_, phase in (
+    order: tuple[tuple[str, Phase], ...] = (
         (FAILED, "Failed"),
         (SUCCEEDED, "Succeeded"),
         (SUSPENDED, "Suspended"),
         (TRAINING, "Training"),
         (PLACED, "Placed"),
-    ):
+    )
+    for type_, phase in order:
         if is_true(conditions, type_):
-            return phase  # type: ignore[return-value]
+            return phase
     return "Pending"
 
 
