@@ -31,6 +31,14 @@ How pools scale (only with autoscaling enabled)
     are removed down to ``minReplicas``, but only while no experiment of the
     pool waits for capacity.
 
+Why an experiment is not placed (``Unplaced.reason``)
+    ``PoolNotFound`` (no pool of that name), ``RankTooLarge`` (above
+    ``maxLoRARank``), ``UnknownTargetModules`` (the model has no such linear
+    module), ``TooLarge`` (more than a whole replica's budget) never resolve by
+    waiting; ``WaitingForCapacity`` does, and its message says whether the pool
+    is scaling, waiting for replicas to become ready, at ``maxReplicas`` or not
+    autoscaling.
+
 The result is deterministic (independent of input order) and idempotent:
 applying a decision and scheduling again yields no new placement or scale.
 """
@@ -417,6 +425,7 @@ def _scale_down(plan: _PoolPlan, now: float) -> ScaleRequest | None:
         pool=pool.name,
         replicas=target,
         reason=SCALE_DOWN,
-        message=f"replicas {target}..{pool.desired_replicas - 1} have been idle for at least "
+        message=f"replicas {replica_name(pool.name, target)} to {replica_name(pool.name, pool.desired_replicas - 1)} "
+        f"have been idle for at least "
         f"{pool.scale_down_delay_seconds:g}s; scaling from {pool.desired_replicas} to {target} replicas",
     )
