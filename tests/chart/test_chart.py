@@ -7,11 +7,13 @@ objects are checked against the Kubernetes 1.37 OpenAPI schemas (kubernetes_vali
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -321,3 +323,14 @@ def test_chart_crds_are_valid_kubernetes() -> None:
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc["kind"] == "CustomResourceDefinition", path
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_default_values_satisfy_the_schema_and_a_typo_does_not() -> None:
+    # The same check helm makes, without helm: runs even where helm could not be extracted.
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    jsonschema.validate(values, schema)
+    values["operator"]["ha"]["enable"] = True
+    with pytest.raises(jsonschema.ValidationError, match="'enable' was unexpected"):
+        jsonschema.validate(values, schema)
