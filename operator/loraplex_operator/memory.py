@@ -102,9 +102,9 @@ def target_suffixes(facts: ModelFacts, target_modules: str | Iterable[str]) -> t
     if target_modules == ALL_LINEAR:
         return tuple(sorted(facts.linear_modules))
     names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    # PEFT matches a target name against the end of a module's dotted path, so
-    # "self_attn.q_proj" and "q_proj" name the same kind of module.
-    return tuple(sorted({name.rsplit(".", 1)[-1] for name in names}))
+    # Exact suffixes only, as the trainer resolves them: a name it would refuse
+    # must not be placed.
+    return tuple(sorted(set(names)))
 
 
 def unknown_target_modules(facts: ModelFacts, target_modules: str | Iterable[str]) -> tuple[str, ...]:

@@ -108,9 +108,11 @@ def test_cost_is_linear_in_rank(facts: ModelFacts) -> None:
     assert adapter_parameters(facts, 16, ("q_proj",)) == 2 * adapter_parameters(facts, 8, ("q_proj",))
 
 
-def test_dotted_target_names_match_by_their_last_part(facts: ModelFacts) -> None:
-    assert adapter_parameters(facts, 4, ("self_attn.q_proj",)) == adapter_parameters(facts, 4, ("q_proj",))
+def test_target_names_are_exact_suffixes(facts: ModelFacts) -> None:
     assert adapter_parameters(facts, 4, "q_proj") == adapter_parameters(facts, 4, ("q_proj",))
+    assert adapter_parameters(facts, 4, ("q_proj", "q_proj")) == adapter_parameters(facts, 4, ("q_proj",))
+    # the trainer resolves exact suffixes only, so a dotted path is not a module of the model
+    assert unknown_target_modules(facts, ("self_attn.q_proj",)) == ("self_attn.q_proj",)
 
 
 def test_unknown_target_modules_are_reported_and_cost_nothing(facts: ModelFacts) -> None:
