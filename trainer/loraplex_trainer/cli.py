@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -110,6 +111,14 @@ def progress_table(experiments: Sequence[Experiment], totals: RunTotals, title: 
     return table
 
 
+def _log_progress(console: Console, experiments: Sequence[Experiment], seconds: float) -> None:
+    parts = []
+    for exp in experiments:
+        reward = f"{exp.history[-1]['reward_mean']:.3f}" if exp.history else "-"
+        parts.append(f"{exp.name} {exp.step}/{exp.total_steps} r={reward}")
+    console.print(f"step {seconds:.1f}s | " + " | ".join(parts), markup=False, highlight=False)
+
+
 def train(args: argparse.Namespace) -> int:
     """Entry point of `loraplex train`; returns the process exit code."""
     console = Console(stderr=True)
@@ -120,11 +129,11 @@ def train(args: argparse.Namespace) -> int:
     try:
         pool, specs = select(args.files)
     except ManifestError as exc:
-        for problem in exc.problems:
-            console.print(str(problem), markup=False, highlight=False)
+        for problem in exc.problems:  # one unwrapped line each, greppable
+            print(problem, file=sys.stderr)
         return 1
     except SetupError as exc:
-        console.print(str(exc), markup=False, highlight=False)
+        print(exc, file=sys.stderr)
         return 1
 
     out = Path(args.output)
@@ -153,11 +162,15 @@ def train(args: argparse.Namespace) -> int:
     title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri})"
     interrupted = False
     try:
-        with Live(progress_table(experiments, totals, title), console=console, disable=args.no_live) as live:
+        live = Live(progress_table(experiments, totals, title), console=console, refresh_per_second=2)
+        with live if not args.no_live else contextlib.nullcontext():
             while trainer.active:
                 report = trainer.step()
                 totals.add(report)
-                live.update(progress_table(experiments, totals, title))
+                if args.no_live:
+                    _log_progress(console, experiments, report.seconds)
+                else:
+                    live.update(progress_table(experiments, totals, title))
                 write_summary(out, experiments, totals)
     except KeyboardInterrupt:
         interrupted = True
