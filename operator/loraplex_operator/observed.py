@@ -51,7 +51,7 @@ def ref_of(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+def snapshot(body: Mapping[str, Any], *, spec: bool = True) -> dict[str, Any]:
     """A plain, detached copy of the parts of an object the operator reads (for indexes)."""
     meta = body.get("metadata") or {}
     kept_meta = {
@@ -70,7 +70,7 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
         if k in meta
     }
     out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": kept_meta}
-    for key in ("spec", "status"):
+    for key in ("spec", "status") if spec else ("status",):
         if key in body:
             out[key] = _plain(body[key])
     return out
