@@ -192,7 +192,13 @@ class PoolController:
         fingerprint = json.dumps(manifest, sort_keys=True)
         if not force and self._applied.get(path) == fingerprint:
             return
-        await self.runtime.api.apply(manifest)
+        applied = await self.runtime.api.apply(manifest)
+        if "data" in manifest:
+            # Server-side apply drops keys this manager no longer sets; an API server that merges
+            # instead would keep the adapters of deleted experiments, so remove those explicitly.
+            stale = {k: None for k in applied.get("data") or {} if k not in manifest["data"]}
+            if stale:
+                await self.runtime.api.merge_patch(path, {"data": stale})
         self._applied[path] = fingerprint
         logger.info(
             "applied kind=%s namespace=%s name=%s",
