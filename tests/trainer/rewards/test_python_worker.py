@@ -42,6 +42,8 @@ def hangs(prompt, completion, row):
     return 1.0
 
 def dies(prompt, completion, row):
+    sys.stderr.write("about to exit\\n")
+    sys.stderr.flush()
     os._exit(3)
 
 def chatty(prompt, completion, row):
@@ -63,6 +65,11 @@ def isolation(prompt, completion, row):
         or any(hasattr(m, "TRAINER_SECRET") for m in list(sys.modules.values()))
     )
     return 0.0 if leaked else 1.0
+
+def uses_stdlib_http(prompt, completion, row):
+    import http.client  # the rewards package has an http.py; it must not shadow the standard library
+
+    return float(hasattr(http.client, "HTTPConnection"))
 
 NOT_A_FUNCTION = 3
 """
@@ -132,7 +139,9 @@ def test_hang_is_killed_at_the_timeout_and_the_worker_restarts(build) -> None:
 
 def test_dying_worker_raises_and_restarts(build) -> None:
     reward = build("dies")
-    with pytest.raises(RewardError, match=r"worker running rewards\.py:dies exited with code 3"):
+    with pytest.raises(
+        RewardError, match=r"worker running rewards\.py:dies exited with code 3.*\n.*about to exit"
+    ):
         reward(SAMPLES)
     with pytest.raises(RewardError, match="exited with code 3"):
         reward(SAMPLES)
@@ -154,6 +163,10 @@ def test_non_numbers_are_rejected(build, function: str, message: str) -> None:
         build(function)(SAMPLES)
 
 
+def test_user_code_imports_the_standard_library_http(build) -> None:
+    assert build("uses_stdlib_http")(SAMPLES) == [1.0, 1.0]
+
+
 def test_worker_cannot_see_the_trainer(build) -> None:
     assert "torch" in sys.modules  # the trainer side has it (conftest imports torch)
     assert build("isolation")(SAMPLES) == [1.0, 1.0]
@@ -167,8 +180,16 @@ def test_worker_cannot_see_the_trainer(build) -> None:
             "missing",
             r"cannot load rewards\.py:missing: AttributeError: the file defines no 'missing'",
         ),
-        ("NOT_A_FUNCTION = 3\n", "NOT_A_FUNCTION", r"TypeError: 'NOT_A_FUNCTION' is a int, not a function"),
-        ("def reward(p, c, r)\n    return 1.0\n", "reward", r"SyntaxError: .*\(rewards\.py line 1\)"),
+        (
+            "NOT_A_FUNCTION = 3\n",
+            "NOT_A_FUNCTION",
+            r"TypeError: 'NOT_A_FUNCTION' is not a function but a int",
+        ),
+        (
+            "def reward(p, c, r)\n    return 1.0\n",
+            "reward",
+            r"SyntaxError: expected ':' \(rewards\.py line 1\)$",
+        ),
         (
             "import no_such_module_xyz\n",
             "reward",
@@ -226,3 +247,5 @@ def test_close_stops_the_worker(build) -> None:
     reward.close()
     assert process.poll() is not None
     reward.close()  # idempotent
+    with pytest.raises(RewardError, match=r"called after close\(\)"):
+        reward(SAMPLES)

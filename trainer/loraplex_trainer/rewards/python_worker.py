@@ -58,9 +58,10 @@ class _Worker:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         assert self.process.stdout is not None and self.process.stderr is not None
         threading.Thread(target=self._drain_stdout, args=(self.process.stdout,), daemon=True).start()
-        threading.Thread(
+        self._stderr_thread = threading.Thread(
             target=self._drain_stderr, args=(self.process.stderr, path.name), daemon=True
-        ).start()
+        )
+        self._stderr_thread.start()
 
     def _drain_stdout(self, stream: IO[str]) -> None:
         for line in stream:
@@ -82,7 +83,10 @@ class _Worker:
             raise _WorkerGone from error
 
     def receive(self, timeout: float) -> dict[str, Any]:
-        """The next reply; raises queue.Empty after ``timeout`` seconds, _WorkerGone at end of output."""
+        """The next reply; raises queue.Empty after ``timeout`` seconds, _WorkerGone at end of output.
+
+        A line that is not JSON raises ValueError.
+        """
         line = self.replies.get(timeout=timeout)
         if line is None:
             raise _WorkerGone
@@ -99,6 +103,8 @@ class _Worker:
         return f"exited with code {code}"
 
     def stderr_text(self) -> str:
+        # After an exit the drain thread may still hold the last lines, which explain the exit.
+        self._stderr_thread.join(timeout=1)
         tail = "\n".join(self.stderr_tail)
         return f"; its last output:\n{tail}" if tail else ""
 
@@ -143,6 +149,7 @@ class PythonFunctionReward:
         self._temp_dir = temp_dir  # a ConfigMap's text written out for the worker; ours to delete
         self._lock = threading.Lock()
         self._worker: _Worker | None = None
+        self._closed = False
         try:
             self._worker = self._start()
         except RewardError:
@@ -180,6 +187,8 @@ class PythonFunctionReward:
         if not samples:
             return []
         with self._lock:
+            if self._closed:
+                raise RewardError(f"{self._where}: {self._name} was called after close()")
             worker = self._worker if self._worker is not None else self._start()
             self._worker = worker
             request = {
@@ -201,6 +210,12 @@ class PythonFunctionReward:
                     f"{self._where}: the worker running {self._name} {worker.exit_description()} "
                     f"while scoring a batch of {len(samples)}{worker.stderr_text()}"
                 ) from None
+            except ValueError:
+                worker.kill()
+                self._worker = None
+                raise RewardError(
+                    f"{self._where}: the worker running {self._name} sent a garbled reply"
+                ) from None
             except TypeError as error:  # a row that JSON cannot carry
                 raise RewardError(
                     f"{self._where}: cannot send the samples to {self._name}: {error}"
@@ -214,6 +229,7 @@ class PythonFunctionReward:
     def close(self) -> None:
         """Stop the worker and delete the ConfigMap copy, if any."""
         with self._lock:
+            self._closed = True
             if self._worker is not None:
                 self._worker.stop()
                 self._worker = None

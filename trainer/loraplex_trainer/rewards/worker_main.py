@@ -29,7 +29,8 @@ def _error(exc: BaseException, path: str, sample: int | None = None) -> dict[str
             line = frame.lineno
     return {
         "type": type(exc).__name__,
-        "message": str(exc),
+        # str() of a SyntaxError repeats the file and line, which "line" already carries.
+        "message": exc.msg if isinstance(exc, SyntaxError) else str(exc),
         "sample": sample,
         "line": line,
         "traceback": "".join(traceback.format_exception(exc)),
@@ -48,7 +49,7 @@ def _load(path: str, function: str) -> Any:
         raise AttributeError(f"the file defines no {function!r}")
     fn = getattr(module, function)
     if not callable(fn):
-        raise TypeError(f"{function!r} is a {type(fn).__name__}, not a function")
+        raise TypeError(f"{function!r} is not a function but a {type(fn).__name__}")
     return fn
 
 
