@@ -183,7 +183,7 @@ def test_worker_cannot_see_the_trainer(build) -> None:
         (
             "NOT_A_FUNCTION = 3\n",
             "NOT_A_FUNCTION",
-            r"TypeError: 'NOT_A_FUNCTION' is not a function but a int",
+            r"TypeError: 'NOT_A_FUNCTION' is not callable: it is the int 3",
         ),
         (
             "def reward(p, c, r)\n    return 1.0\n",

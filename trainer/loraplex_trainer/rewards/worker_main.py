@@ -49,7 +49,7 @@ def _load(path: str, function: str) -> Any:
         raise AttributeError(f"the file defines no {function!r}")
     fn = getattr(module, function)
     if not callable(fn):
-        raise TypeError(f"{function!r} is not a function but a {type(fn).__name__}")
+        raise TypeError(f"{function!r} is not callable: it is the {type(fn).__name__} {repr(fn)[:40]}")
     return fn
 
 
