@@ -89,7 +89,6 @@ async def operate(
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``loraplex operator`` (arguments from loraplex_api.cli)."""
-    kopf.configure(debug=args.verbose, verbose=args.verbose, log_format=kopf.LogFormat.FULL)
     namespaces: list[str] = list(args.namespace or [])
     if namespaces and args.all_namespaces:
         logger.error("--namespace and --all-namespaces exclude each other")
@@ -102,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         logger.error("bad configuration: %s", error)
         return 2
+    kopf.configure(debug=args.verbose, verbose=args.verbose, log_format=kopf.LogFormat.FULL)
     if args.metrics_port:
         start_http_server(args.metrics_port)
     settings = build_settings(peering=args.peering, standalone=not args.peering, clusterwide=not namespaces)

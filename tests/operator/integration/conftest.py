@@ -17,6 +17,8 @@ changes status). What stays missing: label and field selectors (the operator
 filters itself), garbage collection of owned objects (tests check the owner
 references instead), a StatefulSet controller (tests create the pods), the
 Scale object of ``/scale`` (a merge patch of ``spec.replicas`` works the same).
+KMock 0.8 also fails to parse ``GET /api/v1/namespaces``, which kopf uses to
+follow namespaces; :class:`Emulator` serves that path itself.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp.web
 import kmock
 import kubernetes.config.kube_config
 import pytest
@@ -74,6 +77,29 @@ class Emulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # KMock 0.8 cannot parse the cluster-wide /api/v1/namespaces path; kopf lists and watches it
+        # to follow namespaces, so serve it here from the stored Namespace objects.
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces" and raw_request.method == "GET":
+            return await self._serve_namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        namespaces = [
+            obj.raw
+            for (resource, _, _), obj in list(self.objects.items())
+            if resource.plural == "namespaces" and not obj.deleted
+        ]
+        if raw_request.query.get("watch") != "true":
+            listing = {"apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": "1"}}
+            return aiohttp.web.json_response({**listing, "items": namespaces})
+        response = aiohttp.web.StreamResponse()
+        await response.prepare(raw_request)
+        for namespace in namespaces:
+            await response.write(json.dumps({"type": "ADDED", "object": namespace}).encode() + b"\n")
+        await asyncio.Event().wait()  # namespaces never change here; the client closes the stream
+        return response
 
     def _subresources(self, resource: kmock.resource) -> set[str]:
         return set(self.resources[resource].subresources) if resource in self.resources else set()
@@ -190,6 +216,11 @@ class EmulatorThread:
                 warnings.simplefilter("ignore", DeprecationWarning)  # kmock 0.8 uses read_binary
                 emulator.resources.load_bundled()
             register_crds(emulator)
+            for path in sorted(CRD_DIR.glob("*.yaml")):
+                crd = yaml.safe_load(path.read_text())
+                emulator.objects[
+                    "apiextensions.k8s.io/v1/customresourcedefinitions", None, crd["metadata"]["name"]
+                ] = crd
             emulator.objects["v1/namespaces", None, NAMESPACE] = {
                 "apiVersion": "v1",
                 "kind": "Namespace",
@@ -378,7 +409,6 @@ def operator(cluster: Cluster, operator_config: Any) -> Iterator[Operator]:
     from prometheus_client import CollectorRegistry
 
     settings = build_settings(standalone=True)
-    settings.scanning.disabled = True  # KMock 0.8 cannot parse GET /api/v1/namespaces
     settings.watching.connect_timeout = 5
     settings.persistence.consistency_timeout = 2.0
     registry = CollectorRegistry()
