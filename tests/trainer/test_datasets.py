@@ -41,6 +41,13 @@ def test_file_relative_to_base_dir_with_field_names(tmp_path: Path) -> None:
     assert render_prompt(splits.train[3], spec, None) == "What is 3 + 1?"
 
 
+def test_file_lines_are_split_on_newlines_only(tmp_path: Path) -> None:
+    rows = [{"prompt": "a\u2028b\x0cc", "answer": "x"}, {"prompt": "d", "answer": "y"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    assert load_dataset(dataset(file=str(path)), base_dir=Path("/elsewhere")).train == rows
+
+
 def test_inline_rows() -> None:
     splits = load_dataset(dataset(inline=[{"prompt": "hi", "answer": 1}]), base_dir=Path("."))
     assert splits.train == [{"prompt": "hi", "answer": 1}]

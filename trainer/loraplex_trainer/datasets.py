@@ -142,7 +142,8 @@ def _load_source(
 
 def _jsonl(text: str, name: str) -> Iterator[tuple[str, Any]]:
     """Parse JSON Lines, skipping blank lines; yields (location, value) with 1-based line numbers."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): a JSON string may hold U+2028, which splitlines() would break on.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
