@@ -146,7 +146,7 @@ class MultiLoRALinear(nn.Module):
             if name not in self.lora_A:
                 continue  # this adapter does not target this module
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            x_rows = self.lora_dropout[name](x[rows].to(lora_A.weight.dtype))
+            x_rows = self.lora_dropout[name](x.index_select(0, rows).to(lora_A.weight.dtype))
             update = lora_B(lora_A(x_rows)) * self.scaling[name]
             # In place on a fresh tensor; autograd routes each row's gradient back to its adapter only.
             result.index_add_(0, rows, update.to(result.dtype))
