@@ -256,10 +256,13 @@ def test_load_adapter_state_dict_rejects_mismatches(tiny_base: BaseModel) -> Non
     state = model.adapter_state_dict("chat")
     with pytest.raises(ValueError, match="missing"):
         model.load_adapter_state_dict("math", state)
-    key = next(iter(state))
-    state[key] = torch.zeros(3, 3)
+    before = model.adapter_state_dict("chat")
+    state = {key: torch.zeros_like(value) for key, value in state.items()}
+    state[list(state)[-1]] = torch.zeros(3, 3)  # only the last tensor is wrong
     with pytest.raises(ValueError, match="has shape \\(3, 3\\)"):
         model.load_adapter_state_dict("chat", state)
+    after = model.adapter_state_dict("chat")
+    assert all(torch.equal(before[key], after[key]) for key in before)  # nothing half-loaded
 
 
 def test_wrapped_model_is_still_a_pretrained_model(tiny_base: BaseModel) -> None:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -49,7 +50,7 @@ class MultiLoRAModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.routing: AdapterRouting | None = None
 
-    def forward(self, *args: object, **kwargs: object) -> object:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model; which adapter each row uses is set by use_adapters."""
         return self.model(*args, **kwargs)
 
@@ -100,12 +101,17 @@ class MultiLoRAModel(nn.Module):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """Return an adapter's parameters (A then B of each layer, in model order), e.g. for its optimizer."""
+        return list(self.adapter_named_parameters(name).values())
+
+    def adapter_named_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """Return an adapter's parameters keyed by PEFT's names, in the order of adapter_parameters."""
         self.adapter_config(name)
-        parameters: list[nn.Parameter] = []
-        for layer in self.layers.values():
+        named: dict[str, nn.Parameter] = {}
+        for path, layer in self.layers.items():
             if name in layer.lora_A:
-                parameters += [layer.lora_A[name].weight, layer.lora_B[name].weight]
-        return parameters
+                named[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].get_parameter("weight")
+                named[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].get_parameter("weight")
+        return named
 
     def target_paths(self, target_modules: tuple[str, ...] | str) -> list[str]:
         """Return the paths of the layers an adapter targets, matching suffixes as PEFT does."""
@@ -128,7 +134,11 @@ class MultiLoRAModel(nn.Module):
 
     @contextmanager
     def use_adapters(self, rows: Sequence[str | None]) -> Iterator[None]:
-        """Within the block, row i of every forward uses adapter ``rows[i]`` (None: the base only)."""
+        """Within the block, row i of every forward uses adapter ``rows[i]`` (None: the base only).
+
+        backward() may run after the block: the autograd graph keeps the routing it was built
+        with. Only recomputing forwards (gradient checkpointing) need backward inside the block.
+        """
         unknown = sorted({name for name in rows if name is not None and name not in self.configs})
         if unknown:
             raise KeyError(f"use_adapters: no adapters named {unknown}; adapters: {self.adapter_names()}")
@@ -150,22 +160,13 @@ class MultiLoRAModel(nn.Module):
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Return a copy of an adapter's weights under PEFT's key names."""
-        self.adapter_config(name)
-        state: dict[str, torch.Tensor] = {}
-        for path, layer in self.layers.items():
-            if name in layer.lora_A:
-                state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight.detach().clone()
-                state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight.detach().clone()
-        return state
+        return {
+            key: parameter.detach().clone() for key, parameter in self.adapter_named_parameters(name).items()
+        }
 
     def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Copy PEFT-named weights into an existing adapter; keys and shapes must match exactly."""
-        parameters = {
-            key: parameter
-            for key, parameter in zip(
-                self.adapter_state_dict(name), self.adapter_parameters(name), strict=True
-            )
-        }
+        parameters = self.adapter_named_parameters(name)
         missing = sorted(set(parameters) - set(state))
         unexpected = sorted(set(state) - set(parameters))
         if missing or unexpected:
@@ -173,13 +174,15 @@ class MultiLoRAModel(nn.Module):
                 f"adapter {name!r}: state dict does not match its layers; "
                 f"missing {missing[:3]} ({len(missing)} in all), unexpected {unexpected[:3]} ({len(unexpected)} in all)"
             )
+        for key, parameter in parameters.items():
+            if state[key].shape != parameter.shape:
+                raise ValueError(
+                    f"adapter {name!r}: {key} has shape {tuple(state[key].shape)}, "
+                    f"expected {tuple(parameter.shape)}"
+                )
+        # Copied only once every key and shape is known good, so a bad state never half-loads.
         with torch.no_grad():
             for key, parameter in parameters.items():
-                if state[key].shape != parameter.shape:
-                    raise ValueError(
-                        f"adapter {name!r}: {key} has shape {tuple(state[key].shape)}, "
-                        f"expected {tuple(parameter.shape)}"
-                    )
                 parameter.copy_(state[key])
 
     def save_adapter(self, name: str, directory: str | Path, *, base_model_name_or_path: str) -> None:
@@ -193,7 +196,7 @@ class MultiLoRAModel(nn.Module):
         # Explicit suffixes rather than "all-linear", so readers without PEFT's expansion (vLLM) agree.
         LoraConfig(
             r=config.rank,
-            lora_alpha=config.alpha,
+            lora_alpha=config.alpha,  # type: ignore[arg-type]  # PEFT annotates int but takes any number
             lora_dropout=config.dropout,
             target_modules=suffixes,
             bias="none",
@@ -237,6 +240,11 @@ def adapter_config_from_peft(peft_config: LoraConfig, directory: Path) -> Adapte
             f"{directory}/adapter_config.json: LoRA options {used} are not supported by loraplex"
         )
     targets = peft_config.target_modules
+    if targets is None:
+        raise ValueError(
+            f"{directory}/adapter_config.json: target_modules is missing; loraplex does not guess "
+            "PEFT's per-architecture defaults"
+        )
     if isinstance(targets, str) and targets != ALL_LINEAR:
         raise ValueError(
             f"{directory}/adapter_config.json: target_modules {targets!r} is a regular expression; "

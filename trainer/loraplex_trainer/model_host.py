@@ -112,13 +112,13 @@ class BaseModel:
     uri: str
 
 
-def lora_target_linears(model: nn.Module) -> dict[str, nn.Linear]:
+def lora_target_linears(model: transformers.PreTrainedModel) -> dict[str, nn.Linear]:
     """Return the linear layers LoRA may target: every nn.Linear except the output head.
 
     Embeddings are nn.Embedding, so they never appear; the head is excluded by identity so a
     model whose head is named something other than ``lm_head`` is handled too.
     """
-    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_head = model.get_output_embeddings()
     return {
         name: module
         for name, module in model.named_modules()
@@ -126,7 +126,7 @@ def lora_target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def measure_facts(model: nn.Module) -> ModelFacts:
+def measure_facts(model: transformers.PreTrainedModel) -> ModelFacts:
     """Count the model's parameters and group its LoRA-targetable linear layers by suffix."""
     linear_modules: dict[str, tuple[int, int, int]] = {}
     for name, linear in lora_target_linears(model).items():
@@ -205,8 +205,9 @@ def load_base_model(
         tokenizer.pad_token = tokenizer.eos_token
     # Left padding keeps every prompt's last token at the end of the row, where generation continues.
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=True)
-    model.to(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=DTYPES[dtype], device_map=device, local_files_only=True
+    )
     model.eval()
     model.requires_grad_(False)
 

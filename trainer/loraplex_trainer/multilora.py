@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -145,7 +146,7 @@ class MultiLoRALinear(nn.Module):
         for name, rows in self.routing.rows.items():
             if name not in self.lora_A:
                 continue  # this adapter does not target this module
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            lora_A, lora_B = cast(nn.Linear, self.lora_A[name]), cast(nn.Linear, self.lora_B[name])
             x_rows = self.lora_dropout[name](x.index_select(0, rows).to(lora_A.weight.dtype))
             update = lora_B(lora_A(x_rows)) * self.scaling[name]
             # In place on a fresh tensor; autograd routes each row's gradient back to its adapter only.
