@@ -94,24 +94,10 @@ class MultiLoRALinear(nn.Module):
         zero: bool = False,
     ) -> None:
         """Create an adapter's A and B with PEFT's initialisation (A kaiming-uniform, B zero)."""
-        device = self.base_layer.weight.device
         # skip_init: the weights are set just below, and default init would consume the global RNG.
-        lora_A = skip_init(
-            nn.Linear,
-            self.base_layer.in_features,
-            config.rank,
-            bias=False,
-            device=device,
-            dtype=torch.float32,
-        )
-        lora_B = skip_init(
-            nn.Linear,
-            config.rank,
-            self.base_layer.out_features,
-            bias=False,
-            device=device,
-            dtype=torch.float32,
-        )
+        factory = {"bias": False, "device": self.base_layer.weight.device, "dtype": torch.float32}
+        lora_A = skip_init(nn.Linear, self.base_layer.in_features, config.rank, **factory)
+        lora_B = skip_init(nn.Linear, config.rank, self.base_layer.out_features, **factory)
         with torch.no_grad():
             if zero:
                 lora_A.weight.zero_()
