@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY, start_http_server
 from . import handlers  # noqa: F401  (registers the handlers with kopf's default registry)
 from .kube import KubeClient
 from .metrics import OperatorMetrics
+from .render import POOL_LABEL
 from .runtime import OperatorConfig, Runtime
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ def build_settings(
     # Restart long watches now and then: a silently dropped connection must not stall the operator.
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
+    # Only the pools' trainer pods matter; let the API server filter them (kopf >= 1.45; kopf also
+    # filters in memory, so older versions and servers that ignore selectors still work).
+    selectors = getattr(settings.watching, "label_selectors", None)
+    if selectors is not None:
+        selectors["", "v1", "pods"] = POOL_LABEL
     settings.peering.standalone = standalone
     settings.peering.mandatory = not standalone
     settings.peering.clusterwide = clusterwide

@@ -64,7 +64,7 @@ class ExperimentPlan:
     metadata_patch: dict[str, object]
     events: tuple[Event, ...] = ()
     waited: float | None = None
-    """Seconds the experiment waited, when this pass placed it."""
+    """Seconds the experiment waited, when this pass placed it (not when it moved it)."""
     promotion: str | None = None
     """The promotion result to count, when this pass promoted, rolled back or refused a revision."""
 
@@ -237,7 +237,8 @@ def _experiment_plan(exp: ExperimentView, verdict: Verdict, *, now: float) -> Ex
         events.append(promotion.event)
 
     waited = None
-    if owned.placement is not None and exp.status.placement != owned.placement:
+    if owned.placement is not None and exp.status.placement is None:
+        # Moves off a lost replica happen without waiting and are not counted.
         waited = now - _waiting_since(exp)
     return ExperimentPlan(
         experiment=exp,

@@ -22,3 +22,8 @@ def test_standalone_by_default_and_mandatory_peering_when_named() -> None:
     peered = build_settings(peering="loraplex", standalone=False, clusterwide=True)
     assert not peered.peering.standalone and peered.peering.mandatory
     assert peered.peering.name == "loraplex" and peered.peering.clusterwide
+
+
+def test_only_trainer_pods_are_watched() -> None:
+    selectors = build_settings().watching.label_selectors
+    assert list(selectors.values()) == ["loraplex.dev/pool"]

@@ -189,8 +189,10 @@ def test_an_invalid_spec_fails_with_the_field_named_and_never_loops(
         in condition(two, "Failed")["message"]
     )
 
-    version = too_big["metadata"]["resourceVersion"]
-    time.sleep(1.5)  # three resync periods: a failed experiment is not rewritten
+    # Its status, then its labels are written once; after that, passes leave it alone.
+    settled = wait_for(lambda: (e := get(cluster, "too-big")) and e["metadata"].get("labels") and e)
+    version = settled["metadata"]["resourceVersion"]
+    time.sleep(1.5)  # three resync periods
     assert (get(cluster, "too-big") or {})["metadata"]["resourceVersion"] == version
 
     api.patch("LoRAExperiment", "too-big", {"spec": {"lora": {"rank": 16}}})
