@@ -64,7 +64,19 @@ def test_facts_status_is_camel_case(tiny_base: BaseModel) -> None:
         suffix: 4 * (i + o) * n for suffix, (i, o, n) in TINY_LINEARS.items()
     }
     assert status["linearModules"]["down_proj"] == {"in": 128, "out": 64, "count": 2}  # type: ignore[index]
+    assert (status["hiddenSize"], status["numLayers"]) == (64, 2)
     json.dumps(status)
+
+
+def test_facts_status_feeds_the_operator_memory_model(tiny_base: BaseModel) -> None:
+    """The trainer writes status.model; the operator's scheduler must be able to read all of it."""
+    from loraplex_api.pool import ModelFactsStatus
+    from loraplex_operator.memory import ModelFacts as OperatorFacts
+
+    status = tiny_base.facts.to_status()
+    ModelFactsStatus.model_validate(status)
+    facts = OperatorFacts.from_status(status)
+    assert facts is not None and facts.hidden_size == 64 and facts.num_layers == 2
 
 
 def test_dtype_and_missing_pad_token(tiny_model_dir: Path, tmp_path: Path) -> None:

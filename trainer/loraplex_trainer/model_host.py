@@ -65,6 +65,9 @@ class ModelFacts:
     parameter_count: int
     # module suffix (e.g. "q_proj") -> (in_features, out_features, how many layers have it)
     linear_modules: dict[str, tuple[int, int, int]]
+    # For the scheduler's rollout (KV cache) estimate; None for models whose config lacks them.
+    hidden_size: int | None = None
+    num_layers: int | None = None
 
     def lora_bytes_per_rank(self, target_modules: Sequence[str] | str = ALL_LINEAR) -> int:
         """Return the fp32 bytes of LoRA A and B per unit of rank, summed over the targeted modules."""
@@ -90,7 +93,7 @@ class ModelFacts:
 
     def to_status(self) -> dict[str, object]:
         """Return the camelCase form written to a SharedBasePool's status.model."""
-        return {
+        facts: dict[str, object] = {
             "parameterCount": self.parameter_count,
             "loraBytesPerRank": {
                 suffix: self.lora_bytes_per_rank([suffix]) for suffix in self.linear_modules
@@ -100,6 +103,11 @@ class ModelFacts:
                 for suffix, (in_features, out_features, count) in self.linear_modules.items()
             },
         }
+        if self.hidden_size is not None:
+            facts["hiddenSize"] = self.hidden_size
+        if self.num_layers is not None:
+            facts["numLayers"] = self.num_layers
+        return facts
 
 
 @dataclass
@@ -146,9 +154,12 @@ def measure_facts(model: transformers.PreTrainedModel) -> ModelFacts:
             linear_modules[suffix] = (in_features, out_features, count + 1)
         else:
             linear_modules[suffix] = (*shape, 1)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return ModelFacts(
         parameter_count=sum(p.numel() for p in model.parameters()),
         linear_modules=linear_modules,
+        hidden_size=getattr(config, "hidden_size", None),
+        num_layers=getattr(config, "num_hidden_layers", None),
     )
 
 
