@@ -163,10 +163,6 @@ def assess(exp: ExperimentView, pool: PoolContext | None, *, now: float, timing:
         completion_time=status.completion_time,
     )
 
-    if exp.spec is None:
-        return _failed(exp, base, INVALID_SPEC, describe(exp.problems), now)
-    spec = exp.spec
-
     succeeded, failed = find(conditions, SUCCEEDED), find(conditions, FAILED)
     if succeeded is not None and succeeded.status == "True":
         return _finished(base, succeeded, training_reason="Completed", now=now)
@@ -180,6 +176,9 @@ def assess(exp: ExperimentView, pool: PoolContext | None, *, now: float, timing:
         return _finished(base, failed, training_reason=failed.reason, now=now)
     if judged_again:
         base = replace(base, drop=(FAILED,), completion_time=None)
+    if exp.spec is None:
+        return _failed(exp, base, INVALID_SPEC, describe(exp.problems), now)
+    spec = exp.spec
 
     training = status.training
     if training is not None and training.state == "Completed":
