@@ -31,13 +31,14 @@ def test_arithmetic_defaults_are_one_and_two_digit_addition() -> None:
     assert all(" + " in row["prompt"] and row["prompt"].count(" + ") == 1 for row in rows("arithmetic"))
 
 
-@pytest.mark.parametrize("args", [{}, {"count": 6, "max_value": 9}, {"descending": True}])
+@pytest.mark.parametrize("args", [{}, {"count": 6, "max_value": 999}, {"descending": True}])
 def test_sort_numbers_answers_are_sorted(args: dict) -> None:
     for row in rows("sort_numbers", **args):
         shown = re.search(r": ([0-9, ]+)\. Answer", row["prompt"])
         assert shown is not None
         numbers = [int(x) for x in shown[1].split(", ")]
         assert len(set(numbers)) == len(numbers) == args.get("count", 3)
+        assert max(numbers) <= args.get("max_value", 9)
         expected = sorted(numbers, reverse=bool(args.get("descending")))
         assert row["answer"] == ", ".join(map(str, expected))
         assert ("largest to smallest" in row["prompt"]) == bool(args.get("descending"))

@@ -3,13 +3,16 @@
 Every task writes rows ``{"prompt": str, "answer": str}`` whose answer is computed exactly, so
 ``exact_match`` or ``numeric_match`` can score them. The same (name, size, seed, args) always
 gives the same rows, on any machine. Defaults are sized so that SmolLM2-135M-Instruct starts
-weak but within reach: a few dozen GRPO steps should move its reward.
+weak but within reach, so GRPO groups hold some successes to learn from. Mean reward measured
+with its chat template at temperature 1: arithmetic 0.06 with numeric_match (0.15 greedy);
+sort_numbers 0.27 with contains_answer (0.05 with max_value 99); count_letters 0.06 with
+numeric_match, a quarter of the groups of 4 holding a success (16-48 prompts each, 24-32 new tokens).
 
 ``arithmetic``: "What is 37 + 58? Answer with just the number." -> "95".
     ``digits`` (2): operands are drawn from 0 .. 10**digits - 1. ``terms`` (2): operands per
     expression. ``ops`` ("+"): the operators to draw from, any of "+-*"; "*" binds tighter, as usual.
-``sort_numbers``: "Sort these numbers from smallest to largest: 15, 3, 8. ..." -> "3, 8, 15".
-    ``count`` (3): numbers per list, distinct. ``max_value`` (99): numbers lie in 0 .. max_value.
+``sort_numbers``: "Sort these numbers from smallest to largest: 7, 2, 5. ..." -> "2, 5, 7".
+    ``count`` (3): numbers per list, distinct. ``max_value`` (9): numbers lie in 0 .. max_value.
     ``descending`` (false): largest first instead.
 ``count_letters``: 'How many times does the letter "r" appear in the word "strawberry"? ...' -> "3".
     ``words`` (a built-in list of common English words): a comma-separated list to draw from instead.
@@ -78,7 +81,7 @@ def _evaluate(operands: list[int], ops: list[str]) -> int:
 
 def _sort_numbers(rng: random.Random, args: ArgReader) -> Callable[[], Row]:
     count = args.integer("count", 3, minimum=2, maximum=50)
-    max_value = args.integer("max_value", 99, minimum=1, maximum=10**9)
+    max_value = args.integer("max_value", 9, minimum=1, maximum=10**9)
     descending = args.flag("descending", False)
     if count > max_value + 1:
         raise args.error("count", f"{count} distinct numbers do not fit in 0 .. {max_value} (max_value)")
