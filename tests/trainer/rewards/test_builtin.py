@@ -118,7 +118,11 @@ def test_answer_field_is_read_from_the_row() -> None:
 @pytest.mark.parametrize(
     ("name", "args", "message"),
     [
-        ("exact_match", {"strp": True}, r"reward\.builtin\.args\.strp: unknown argument for the exact_match reward"),
+        (
+            "exact_match",
+            {"strp": True},
+            r"reward\.builtin\.args\.strp: unknown argument for the exact_match reward",
+        ),
         ("exact_match", {"extract": "first"}, r"reward\.builtin\.args\.extract: 'first' is not one of"),
         ("exact_match", {"casefold": "yes"}, r"reward\.builtin\.args\.casefold: 'yes' is not true or false"),
         ("numeric_match", {"tolerance": -1}, r"reward\.builtin\.args\.tolerance: -1 is below"),
