@@ -50,11 +50,19 @@ class RewardHandler(BaseHTTPRequestHandler):
         """Keep test output quiet."""
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A server that does not print the broken pipe of the /slow reply, whose client gave up on purpose."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Ignore: the only errors are writes to clients that timed out."""
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     """Base URL of a reward server running in a background thread."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), RewardHandler)
-    httpd.daemon_threads = True
+    httpd = QuietServer(("127.0.0.1", 0), RewardHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
