@@ -1,0 +1,52 @@
+"""The trainer's Prometheus metrics: names, labels, and series removed with their experiment."""
+
+from __future__ import annotations
+
+from loraplex_trainer.loop import StepReport, Timings
+from loraplex_trainer.metrics import TrainerMetrics, resident_bytes
+from prometheus_client import CollectorRegistry, generate_latest
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_a_step_counts_steps_rewards_tokens_and_time() -> None:
+    registry = CollectorRegistry()
+    metrics = TrainerMetrics(registry)
+    metrics.track("a")
+    metrics.track("b")
+    assert value(registry, "loraplex_trainer_steps_total", experiment="a") == 0
+    assert value(registry, "loraplex_trainer_tokens_total", phase="train") == 0
+
+    report = StepReport(["a", "b"], Timings(), rollout_tokens=120, train_tokens=300, seconds=1.5)
+    metrics.observe_step(report, {"a": 0.25})  # b failed in this step: no step, no reward
+    metrics.adapters.set(1)
+    metrics.set_memory({"process_resident": 1000, "adapters": 64})
+
+    assert value(registry, "loraplex_trainer_steps_total", experiment="a") == 1
+    assert value(registry, "loraplex_trainer_steps_total", experiment="b") == 0
+    assert value(registry, "loraplex_trainer_reward", experiment="a") == 0.25
+    assert value(registry, "loraplex_trainer_reward", experiment="b") is None
+    assert value(registry, "loraplex_trainer_tokens_total", phase="rollout") == 120
+    assert value(registry, "loraplex_trainer_tokens_total", phase="train") == 300
+    assert value(registry, "loraplex_trainer_step_seconds_count") == 1
+    assert value(registry, "loraplex_trainer_step_seconds_sum") == 1.5
+    assert value(registry, "loraplex_trainer_adapters") == 1
+    assert value(registry, "loraplex_trainer_memory_bytes", kind="adapters") == 64
+
+
+def test_forget_removes_every_series_of_an_experiment() -> None:
+    registry = CollectorRegistry()
+    metrics = TrainerMetrics(registry)
+    metrics.track("a")
+    metrics.track("b")
+    metrics.observe_step(StepReport(["a", "b"], Timings(), 1, 1, 0.1), {"a": 1.0, "b": 0.5})
+    metrics.forget("a")
+    metrics.forget("never-added")  # harmless
+    text = generate_latest(registry).decode()
+    assert 'experiment="a"' not in text and 'experiment="b"' in text
+
+
+def test_resident_bytes_is_positive() -> None:
+    assert resident_bytes() > 0

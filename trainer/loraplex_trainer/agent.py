@@ -1,0 +1,443 @@
+"""`loraplex agent`: the trainer replica inside a SharedBasePool's pod.
+
+Start: read the pool, load its base model once, write the pool's ``status.model``, then
+answer ``/readyz``. Until SIGTERM, one loop:
+
+  sync   - every few seconds, list the experiments placed on this replica; hot-add the new
+           ones (each resumes from its newest checkpoint) and remove the ones that left
+           (re-placed, suspended, finished, deleted) - :mod:`.assignment` decides
+  train  - one shared step of every active adapter, or an idle wait when none is active
+  report - ``status.training`` of each experiment at most every few seconds and at every
+           state change, ``status.adapter.candidate`` after each new checkpoint -
+           :mod:`.status_patches` builds the patches
+
+SIGTERM stops the loop after the current step: the checkpoints on the shared storage are
+where the next replica resumes. Kubernetes access lives in :mod:`.cluster`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes.config.config_exception import ConfigException
+from loraplex_api import SharedBasePool, now_rfc3339
+from prometheus_client import CollectorRegistry, start_http_server
+
+from .assignment import Assignment, config_map_refs, plan, select
+from .checkpoint import STATE_FILE, list_checkpoints
+from .cli import resolve_device, resolve_dtype
+from .cluster import API_ERRORS, ClusterClient, StatusWriter
+from .experiment import Experiment, State
+from .health import HealthServer
+from .loop import Trainer
+from .metrics import TrainerMetrics, accelerator_bytes, resident_bytes, tensor_bytes
+from .model_host import load_base_model
+from .status_patches import (
+    candidate_revision,
+    experiment_status_patch,
+    loading_status,
+    pool_model_patch,
+    training_status,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Who this replica is, where its storage is, and how often it talks to the API server."""
+
+    pool: str
+    namespace: str
+    replica: str
+    storage: Path
+    health_port: int | None = 8081
+    """None = no health server; 0 = any free port (tests)."""
+    metrics_port: int | None = 9400
+    poll_seconds: float = 3.0
+    report_seconds: float = 5.0
+    heartbeat_seconds: float = 30.0
+    """Well inside the operator's heartbeat grace (120 s by default)."""
+    device: str = "auto"
+    model_uri: str | None = None
+    """Overrides spec.model.uri: the operator mounts pvc:// models and names the folder in $LORAPLEX_MODEL_URI."""
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> AgentConfig:
+    """The agent's configuration from its flags, falling back to the env the operator's pod sets."""
+    pool = args.pool or env.get("LORAPLEX_POOL")
+    if not pool:
+        raise ValueError("the pool is unknown: pass --pool or set $LORAPLEX_POOL")
+    namespace = args.namespace or env.get("POD_NAMESPACE")
+    if not namespace and SERVICE_ACCOUNT_NAMESPACE.is_file():
+        namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    if not namespace:
+        raise ValueError("the namespace is unknown: pass --namespace or set $POD_NAMESPACE")
+    # A StatefulSet pod's hostname is its name, which is what placements name.
+    replica = args.replica or env.get("POD_NAME") or socket.gethostname()
+    return AgentConfig(
+        pool=pool,
+        namespace=namespace,
+        replica=replica,
+        storage=Path(args.storage),
+        health_port=args.health_port or None,
+        metrics_port=args.metrics_port or None,
+        model_uri=env.get("LORAPLEX_MODEL_URI") or None,
+    )
+
+
+@dataclass
+class Hosted:
+    """An experiment this replica hosts, from its assignment until the API stops assigning it."""
+
+    assignment: Assignment
+    experiment: Experiment | None = None
+    """None while its inputs cannot be read yet (a ConfigMap that does not exist yet)."""
+    waiting: str = ""
+    reported_state: str | None = None
+    reported_at: float = -math.inf
+    candidate_step: int | None = None
+
+
+class Agent:
+    """One trainer replica: hosts the experiments placed on it and reports on them."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        cluster: ClusterClient,
+        registry: CollectorRegistry,
+        *,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.registry = registry
+        self.metrics = TrainerMetrics(registry)
+        self.stop_event = stop or threading.Event()
+        self.ready = threading.Event()
+        self.writer = StatusWriter(cluster, heartbeat_seconds=config.heartbeat_seconds)
+        self.hosted: dict[str, Hosted] = {}
+        self.trainer: Trainer | None = None
+        self.pool: SharedBasePool | None = None
+        self.health: HealthServer | None = None
+        self.metrics_port: int | None = None
+        self._model_status: dict[str, Any] | None = None  # written to the pool until it succeeds
+        self._base_bytes = 0
+        self._invalid_logged: set[tuple[str, str]] = set()
+
+    def stop(self) -> None:
+        """Stop after the current step (signal handlers and tests call this)."""
+        self.stop_event.set()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def run(self) -> int:
+        """Serve health and metrics, load the base model, then train until stopped; the exit code."""
+        heartbeat_stop = threading.Event()
+        servers = self._start_servers()
+        self.writer.start(heartbeat_stop)
+        try:
+            pool = self._wait_for_pool()
+            if pool is None:
+                return 0
+            self.pool = pool
+            self._sync()  # experiments placed before the model is loaded report Loading meanwhile
+            self.trainer = self._load_base_model(pool)
+            self.ready.set()
+            self._loop()
+            return 0
+        except Exception:
+            log.exception("event=agent_failed pool=%s replica=%s", self.config.pool, self.config.replica)
+            return 1
+        finally:
+            heartbeat_stop.set()
+            self.writer.join()
+            self._close_adapters()
+            for stop in servers:
+                stop()
+            log.info("event=agent_stopped replica=%s", self.config.replica)
+
+    def _start_servers(self) -> list[Callable[[], None]]:
+        stops: list[Callable[[], None]] = []
+        if self.config.health_port is not None:
+            self.health = HealthServer(self.config.health_port, self.ready.is_set).start()
+            stops.append(self.health.stop)
+        if self.config.metrics_port is not None:
+            server, _ = start_http_server(self.config.metrics_port, registry=self.registry)
+            self.metrics_port = int(server.server_address[1])
+            stops.extend([server.shutdown, server.server_close])
+        log.info(
+            "event=agent_started pool=%s namespace=%s replica=%s storage=%s health_port=%s metrics_port=%s",
+            self.config.pool, self.config.namespace, self.config.replica, self.config.storage,
+            self.health.port if self.health else None, self.metrics_port,
+        )  # fmt: skip
+        return stops
+
+    def _wait_for_pool(self) -> SharedBasePool | None:
+        """The pool, read again every poll until it exists (None when stopped first)."""
+        while not self.stop_event.is_set():
+            try:
+                raw = self.cluster.get_pool(self.config.pool)
+            except API_ERRORS as exc:
+                log.warning("event=pool_read_failed pool=%s error=%s", self.config.pool, exc)
+                raw = None
+            else:
+                if raw is not None:
+                    # An unreadable pool is the operator's to report; crash-looping here says it too.
+                    return SharedBasePool.model_validate(raw)
+                log.warning(
+                    "event=pool_not_found pool=%s namespace=%s", self.config.pool, self.config.namespace
+                )
+            self.stop_event.wait(self.config.poll_seconds)
+        return None
+
+    def _load_base_model(self, pool: SharedBasePool) -> Trainer:
+        model = pool.spec.model
+        device = resolve_device(self.config.device)
+        dtype = resolve_dtype(model.dtype, device)
+        uri = self.config.model_uri or model.uri
+        started = time.monotonic()
+        base = load_base_model(uri, dtype=dtype, revision=model.revision, device=device)
+        self._base_bytes = tensor_bytes([*base.model.parameters(), *base.model.buffers()])
+        self._model_status = base.facts.to_status()
+        log.info(
+            "event=base_model_loaded uri=%s dtype=%s device=%s seconds=%.1f",
+            uri, dtype, device, time.monotonic() - started,
+        )  # fmt: skip
+        self._write_model_status()
+        return Trainer(base)
+
+    def _loop(self) -> None:
+        next_sync = 0.0
+        while not self.stop_event.is_set():
+            if time.monotonic() >= next_sync:
+                self._sync()
+                next_sync = time.monotonic() + self.config.poll_seconds
+            assert self.trainer is not None
+            if self.trainer.active:
+                self._step(self.trainer)
+            else:
+                self.stop_event.wait(max(0.0, next_sync - time.monotonic()))
+            self._report_all()
+
+    def _close_adapters(self) -> None:
+        """Free the adapters and stop their reward workers; the checkpoints stay for the next replica."""
+        for name in list(self.hosted):
+            self._drop(name, reason="agent stopping")
+
+    # ----------------------------------------------------------------- sync
+
+    def _sync(self) -> None:
+        """Make the hosted experiments match the ones placed here."""
+        if self._model_status is not None:
+            self._write_model_status()
+        try:
+            raws = self.cluster.list_experiments(self.config.replica)
+        except API_ERRORS as exc:
+            log.warning("event=list_failed replica=%s error=%s", self.config.replica, exc)
+            return
+        selection = select(raws, pool=self.config.pool, replica=self.config.replica)
+        for name, problem in selection.invalid.items():
+            if (name, problem) not in self._invalid_logged:
+                self._invalid_logged.add((name, problem))
+                log.warning("event=experiment_unreadable experiment=%s problem=%s", name, problem)
+        keys = {n: h.assignment.key for n, h in self.hosted.items()}
+        reasons = selection.skipped | {n: f"unreadable: {p}" for n, p in selection.invalid.items()}
+        changes = plan(selection.assigned, keys, reasons)
+        for name, reason in changes.remove.items():
+            self._drop(name, reason=reason)
+        for assignment in changes.add:
+            candidate = assignment.candidate
+            self.hosted[assignment.name] = Hosted(
+                assignment, candidate_step=candidate.step if candidate is not None else None
+            )
+        for hosted in list(self.hosted.values()):
+            if hosted.experiment is None:
+                self._start(hosted)
+
+    def _start(self, hosted: Hosted) -> None:
+        """Read the experiment's ConfigMaps and, with the base model loaded, hot-add its adapter."""
+        name, spec = hosted.assignment.name, hosted.assignment.spec
+        texts, missing = self.cluster.read_config_map_keys(config_map_refs(spec))
+        if missing:
+            hosted.waiting = "waiting for " + "; ".join(missing)
+        elif self.trainer is None:
+            hosted.waiting = f"replica {self.config.replica} is loading the base model"
+        else:
+            hosted.waiting = ""
+        if hosted.waiting or self.trainer is None:
+            self._report(hosted)
+            return
+        exp = Experiment(name=name, spec=spec, out_dir=self.config.storage / self.config.namespace / name)
+        hosted.experiment = exp
+        self._report(hosted, force=True)  # Loading, while data and reward are read
+        try:
+            self.trainer.add(exp, base_dir=self.config.storage, config_maps=texts)
+        except Exception as exc:  # e.g. a checkpoint that does not fit a changed lora.rank
+            log.exception("event=experiment_add_failed experiment=%s", name)
+            self._forget_adapter(self.trainer, exp)
+            exp.fail(f"loading the adapter on replica {self.config.replica} failed: {exc}")
+        if exp.state is State.RUNNING:
+            self.metrics.track(name)
+        self.metrics.adapters.set(len(self.trainer.active))
+        self._report(hosted, force=True)
+
+    def _drop(self, name: str, *, reason: str) -> None:
+        """Stop hosting an experiment: no more writes, adapter and optimizer freed, series removed."""
+        hosted = self.hosted.pop(name)
+        self.writer.forget(name)
+        if hosted.experiment is not None and self.trainer is not None:
+            self._forget_adapter(self.trainer, hosted.experiment)
+        self.metrics.forget(name)
+        if self.trainer is not None:
+            self.metrics.adapters.set(len(self.trainer.active))
+        log.info("event=experiment_removed experiment=%s reason=%r", name, reason)
+
+    @staticmethod
+    def _forget_adapter(trainer: Trainer, exp: Experiment) -> None:
+        if trainer.experiments.get(exp.name) is exp:
+            trainer.remove(exp.name)
+            # The trainer keeps finished experiments by name and refuses to add a name that is
+            # still running, so a removed one must leave its table to come back later.
+            del trainer.experiments[exp.name]
+        exp.close()
+
+    # ----------------------------------------------------------------- train
+
+    def _step(self, trainer: Trainer) -> None:
+        before = {e.name: e.step for e in trainer.active}
+        report = trainer.step()
+        rewards: dict[str, float] = {}
+        for name, step in before.items():
+            exp = trainer.experiments[name]
+            if exp.step > step and exp.history:
+                rewards[name] = float(exp.history[-1]["reward_mean"])
+        self.metrics.observe_step(report, rewards)
+        self.metrics.adapters.set(len(trainer.active))
+        adapters = sum(
+            tensor_bytes(trainer.model.adapter_parameters(n)) for n in trainer.model.adapter_names()
+        )
+        self.metrics.set_memory(
+            {"process_resident": resident_bytes(), "base_model": self._base_bytes, "adapters": adapters}
+            | accelerator_bytes()
+        )
+
+    # ----------------------------------------------------------------- report
+
+    def _report_all(self) -> None:
+        for hosted in list(self.hosted.values()):
+            self._report(hosted)
+
+    def _report(self, hosted: Hosted, *, force: bool = False) -> None:
+        """Write status.training (and a new candidate) when due: on change, else every report period."""
+        exp = hosted.experiment
+        if exp is None or exp.state is State.LOADING:
+            message = hosted.waiting or f"loading the adapter on replica {self.config.replica}"
+            training = loading_status(
+                total_steps=hosted.assignment.spec.algorithm.max_steps, message=message, now=now_rfc3339()
+            )
+        else:
+            training = training_status(exp, now=now_rfc3339())
+        state = f"{training['state']}:{training['message']}"
+        candidate = self._new_candidate(hosted)
+        finished = training["state"] in ("Completed", "Failed")
+        recent = time.monotonic() - hosted.reported_at < self.config.report_seconds
+        if not force and candidate is None and state == hosted.reported_state and (finished or recent):
+            return
+        body = experiment_status_patch(training, candidate)
+        try:
+            self.writer.write(hosted.assignment.name, body)
+        except API_ERRORS as exc:
+            log.warning("event=report_failed experiment=%s error=%s", hosted.assignment.name, exc)
+            return
+        hosted.reported_state, hosted.reported_at = state, time.monotonic()
+        if candidate is not None:
+            hosted.candidate_step = int(candidate["step"])
+            log.info(
+                "event=candidate experiment=%s revision=%s", hosted.assignment.name, candidate["revision"]
+            )
+
+    def _new_candidate(self, hosted: Hosted) -> dict[str, Any] | None:
+        """The newest checkpoint as status.adapter.candidate, when it is not the one reported already."""
+        exp = hosted.experiment
+        if exp is None or self.pool is None:
+            return None
+        checkpoints = list_checkpoints(exp.checkpoint_root)
+        if not checkpoints or checkpoints[-1][0] == hosted.candidate_step:
+            return None
+        step, path = checkpoints[-1]
+        metric = checkpoint_metric(exp.spec.promotion.metric, path, exp.history)
+        return candidate_revision(
+            path, step=step, metric=metric, storage_root=self.config.storage, storage=self.pool.spec.storage
+        )
+
+    def _write_model_status(self) -> None:
+        """Patch the pool's status.model (the only pool field a trainer writes); retried at the next sync."""
+        assert self._model_status is not None
+        try:
+            current = self.cluster.get_pool(self.config.pool)
+            existing = ((current or {}).get("status") or {}).get("model")
+            self.cluster.patch_pool_status(self.config.pool, pool_model_patch(existing, self._model_status))
+        except API_ERRORS as exc:
+            log.warning("event=model_status_failed pool=%s error=%s", self.config.pool, exc)
+            return
+        log.info("event=model_status_written pool=%s", self.config.pool)
+        self._model_status = None
+
+
+def checkpoint_metric(metric: str, checkpoint: Path, history: list[dict[str, Any]]) -> float | None:
+    """The promotion metric (spec.promotion.metric) of a checkpoint, when it is known.
+
+    ``eval_reward`` is the one the checkpoint itself records; ``reward`` is the step's mean
+    rollout reward; any other name is looked up in that step's metrics.
+    """
+    if metric == "eval_reward":
+        try:
+            value = json.loads((checkpoint / STATE_FILE).read_text()).get("extra", {}).get("eval_reward")
+        except (OSError, ValueError):
+            return None
+        return float(value) if isinstance(value, int | float) else None
+    step = int(checkpoint.name.removeprefix("step-"))
+    at_step: dict[str, Any] = next((m for m in reversed(history) if m.get("step") == step), {})
+    value = at_step.get("reward_mean" if metric == "reward" else metric)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `loraplex agent`; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = config_from_args(args, os.environ)
+    except ValueError as exc:
+        log.error("event=agent_config_invalid error=%r", str(exc))
+        return 2
+    try:
+        cluster = ClusterClient(config.namespace)
+    except ConfigException as exc:
+        log.error("event=kube_config_missing error=%r", str(exc))
+        return 1
+    agent = Agent(config, cluster, CollectorRegistry())
+    # Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds: finishing
+    # the current step is the graceful part; the newest checkpoint is the resume point.
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: agent.stop())
+    try:
+        return agent.run()
+    finally:
+        cluster.close()
