@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 GROUP = "loraplex.dev"
 VERSION = "v1alpha1"
@@ -93,6 +94,19 @@ class CamelModel(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+def camel_config(**overrides: Any) -> ConfigDict:
+    """CamelModel's config with some settings changed (e.g. CEL rules in json_schema_extra)."""
+    return ConfigDict(**{**CamelModel.model_config, **overrides})  # type: ignore[typeddict-item]
+
+
+def cel_rules(*rules: dict[str, str]) -> JsonDict:
+    """json_schema_extra carrying CEL validation rules for the generated CRD."""
+    return {"x-kubernetes-validations": [dict(rule) for rule in rules]}
+
+
+PRESERVE_OBJECT: JsonDict = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
 class StatusModel(CamelModel):
     """Status is written by our own components; tolerate fields from newer versions."""
 
@@ -128,7 +142,7 @@ class Condition(StatusModel):
     observed_generation: int | None = None
 
 
-CONDITIONS_FIELD: dict[str, Any] = {
+CONDITIONS_FIELD: JsonDict = {
     "x-kubernetes-list-type": "map",
     "x-kubernetes-list-map-keys": ["type"],
 }
@@ -168,6 +182,9 @@ __all__ = [
     "API_VERSION",
     "CONDITIONS_FIELD",
     "CamelModel",
+    "PRESERVE_OBJECT",
+    "camel_config",
+    "cel_rules",
     "Condition",
     "ConditionStatus",
     "ConfigMapKeyRef",

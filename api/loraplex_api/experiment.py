@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 from .common import (
-    API_VERSION,
     CONDITIONS_FIELD,
     MESSAGE_MAX,
     NAME_MAX,
+    PRESERVE_OBJECT,
     SHORT_STRING_MAX,
     URI_MAX,
     CamelModel,
@@ -20,6 +21,8 @@ from .common import (
     ObjectMeta,
     StatusModel,
     Timestamp,
+    camel_config,
+    cel_rules,
     exactly_one,
     one_of_rule,
 )
@@ -28,13 +31,13 @@ BUILTIN_DATASETS = ("arithmetic", "sort_numbers", "count_letters")
 BUILTIN_REWARDS = ("exact_match", "numeric_match", "regex_match", "format", "length", "contains_answer")
 ALL_LINEAR = "all-linear"
 
-_OBJECT = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+_OBJECT = PRESERVE_OBJECT
 _SCALAR_ARGS = dict[str, str | int | float | bool]
-_ARGS_SCHEMA = {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "maxProperties": 32}
+_ARGS_SCHEMA: JsonDict = {**PRESERVE_OBJECT, "maxProperties": 32}
 
 
-def _one_of(*fields: str, where: str) -> dict[str, Any]:
-    return {"json_schema_extra": {"x-kubernetes-validations": [one_of_rule(fields, where)]}}
+def _one_of(*fields: str, where: str) -> ConfigDict:
+    return camel_config(json_schema_extra=cel_rules(one_of_rule(fields, where)))
 
 
 class PoolRef(CamelModel):
@@ -46,16 +49,14 @@ class PoolRef(CamelModel):
 class LoRASpec(CamelModel):
     """Shape of the adapter."""
 
-    model_config = CamelModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                {
-                    "rule": f"!('{ALL_LINEAR}' in self.targetModules) || size(self.targetModules) == 1",
-                    "message": f"targetModules: '{ALL_LINEAR}' cannot be combined with other modules",
-                }
-            ]
-        }
-    }
+    model_config = camel_config(
+        json_schema_extra=cel_rules(
+            {
+                "rule": f"!('{ALL_LINEAR}' in self.targetModules) || size(self.targetModules) == 1",
+                "message": f"targetModules: '{ALL_LINEAR}' cannot be combined with other modules",
+            }
+        )
+    )
 
     rank: int = Field(default=16, ge=1, le=1024)
     alpha: float = Field(default=32.0, gt=0, le=4096)
@@ -92,9 +93,7 @@ class BuiltinDataset(CamelModel):
 class DataSource(CamelModel):
     """Exactly one place rows come from."""
 
-    model_config = CamelModel.model_config | _one_of(
-        "builtin", "inline", "file", "configMap", where="dataset"
-    )
+    model_config = _one_of("builtin", "inline", "file", "configMap", where="dataset")
 
     builtin: BuiltinDataset | None = None
     inline: list[dict[str, Any]] | None = Field(
@@ -117,17 +116,15 @@ class DataSource(CamelModel):
 class DatasetSpec(DataSource):
     """Training rows, how to read them, and where the eval rows come from."""
 
-    model_config = CamelModel.model_config | {
-        "json_schema_extra": {
-            "x-kubernetes-validations": [
-                one_of_rule(("builtin", "inline", "file", "configMap"), "dataset"),
-                {
-                    "rule": "!has(self.eval) || !has(self.evalFraction) || self.evalFraction == 0.0",
-                    "message": "dataset: set evalFraction or eval, not both",
-                },
-            ]
-        }
-    }
+    model_config = camel_config(
+        json_schema_extra=cel_rules(
+            one_of_rule(("builtin", "inline", "file", "configMap"), "dataset"),
+            {
+                "rule": "!has(self.eval) || !has(self.evalFraction) || self.evalFraction == 0.0",
+                "message": "dataset: set evalFraction or eval, not both",
+            },
+        )
+    )
 
     prompt_field: str = Field(default="prompt", min_length=1, max_length=SHORT_STRING_MAX)
     answer_field: str = Field(default="answer", min_length=1, max_length=SHORT_STRING_MAX)
@@ -161,7 +158,7 @@ class BuiltinReward(CamelModel):
 class PythonReward(CamelModel):
     """The user's ``def f(prompt, completion, row) -> float``, run in a separate worker process."""
 
-    model_config = CamelModel.model_config | _one_of("file", "configMap", where="reward.python")
+    model_config = _one_of("file", "configMap", where="reward.python")
 
     file: str | None = Field(default=None, min_length=1, max_length=URI_MAX)
     config_map: ConfigMapKeyRef | None = None
@@ -184,7 +181,7 @@ class HTTPReward(CamelModel):
 class RewardSource(CamelModel):
     """Exactly one reward implementation."""
 
-    model_config = CamelModel.model_config | _one_of("builtin", "python", "http", where="reward")
+    model_config = _one_of("builtin", "python", "http", where="reward")
 
     builtin: BuiltinReward | None = None
     python: PythonReward | None = None
@@ -205,7 +202,7 @@ class RewardTerm(RewardSource):
 class RewardSpec(CamelModel):
     """One reward source, or ``terms``: a weighted sum of several."""
 
-    model_config = CamelModel.model_config | _one_of("builtin", "python", "http", "terms", where="reward")
+    model_config = _one_of("builtin", "python", "http", "terms", where="reward")
 
     builtin: BuiltinReward | None = None
     python: PythonReward | None = None
@@ -382,9 +379,9 @@ class LoRAExperimentStatus(StatusModel):
 class LoRAExperiment(CamelModel):
     """One RL experiment = one adapter."""
 
-    model_config = CamelModel.model_config | {"extra": "ignore"}
+    model_config = camel_config(extra="ignore")
 
-    api_version: Literal["loraplex.dev/v1alpha1"] = API_VERSION
+    api_version: Literal["loraplex.dev/v1alpha1"] = "loraplex.dev/v1alpha1"
     kind: Literal["LoRAExperiment"] = "LoRAExperiment"
     metadata: ObjectMeta
     spec: LoRAExperimentSpec

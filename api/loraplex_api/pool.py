@@ -7,9 +7,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from .common import (
-    API_VERSION,
     CONDITIONS_FIELD,
     NAME_MAX,
+    PRESERVE_OBJECT,
     SHORT_STRING_MAX,
     URI_MAX,
     CamelModel,
@@ -19,6 +19,7 @@ from .common import (
     ObjectMeta,
     Quantity,
     StatusModel,
+    camel_config,
     parse_quantity,
 )
 
@@ -26,7 +27,7 @@ MODEL_URI_PATTERN = r"^(hf://[^/\s]+/[^\s]+|file:///[^\s]*|pvc://[^/\s]+/[^\s]*|
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 DEFAULT_TRAINER_IMAGE = "ghcr.io/loraplex/trainer:0.1.0"
 
-_OBJECT = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+_OBJECT = PRESERVE_OBJECT
 
 
 class ModelSpec(CamelModel):
@@ -103,7 +104,7 @@ class VLLMSpec(CamelModel):
 class EnvVar(CamelModel):
     """A container environment variable (value or valueFrom, as in a Pod)."""
 
-    model_config = CamelModel.model_config | {"extra": "allow"}
+    model_config = camel_config(extra="allow")
 
     name: str = Field(min_length=1, max_length=SHORT_STRING_MAX)
     value: str | None = Field(default=None, max_length=32768)
@@ -214,9 +215,9 @@ class SharedBasePoolStatus(StatusModel):
 class SharedBasePool(CamelModel):
     """A pool of trainer replicas sharing one base model."""
 
-    model_config = CamelModel.model_config | {"extra": "ignore"}
+    model_config = camel_config(extra="ignore")
 
-    api_version: Literal["loraplex.dev/v1alpha1"] = API_VERSION
+    api_version: Literal["loraplex.dev/v1alpha1"] = "loraplex.dev/v1alpha1"
     kind: Literal["SharedBasePool"] = "SharedBasePool"
     metadata: ObjectMeta
     spec: SharedBasePoolSpec
