@@ -33,8 +33,8 @@ def select(files: Sequence[str]) -> tuple[SharedBasePool, list[tuple[LoRAExperim
     pools = [m.resource for m in manifests if isinstance(m.resource, SharedBasePool)]
     experiments = [(m.resource, m.source.parent) for m in manifests if isinstance(m.resource, LoRAExperiment)]
     if len(pools) != 1:
-        names = ", ".join(p.metadata.name for p in pools) or "none"
-        raise SetupError(f"loraplex train needs exactly one SharedBasePool in its files (found: {names})")
+        found = ", ".join(p.metadata.name for p in pools) or "none"
+        raise SetupError(f"loraplex train needs exactly one SharedBasePool in its files (found: {found})")
     pool = pools[0]
     for exp, _ in experiments:
         if exp.spec.pool_ref.name != pool.metadata.name:

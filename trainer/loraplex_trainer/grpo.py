@@ -71,19 +71,23 @@ def per_token_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     *,
-    clip_low: float,
-    clip_high: float,
+    clip_low: float | torch.Tensor,
+    clip_high: float | torch.Tensor,
     ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
+    kl_coef: float | torch.Tensor = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate per token, plus an optional k3 KL penalty to a reference policy.
 
     logprobs, old_logprobs, ref_logprobs: [B, T]; advantages: [B].
+    clip_low, clip_high, kl_coef: scalars, or [B, 1] tensors when rows of several experiments
+    (each with its own hyperparameters) share the batch.
     Returns (loss [B, T], kl [B, T]); kl is detached, for logging, and zero without a reference.
     """
     adv = advantages.unsqueeze(-1)  # [B, 1], one advantage for every token of a completion
     ratio = torch.exp(logprobs - old_logprobs)
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    low = torch.as_tensor(1.0 - clip_low, dtype=ratio.dtype, device=ratio.device)
+    high = torch.as_tensor(1.0 + clip_high, dtype=ratio.dtype, device=ratio.device)
+    clipped = torch.clamp(ratio, low, high)
     loss = -torch.min(ratio * adv, clipped * adv)
     if ref_logprobs is None:
         return loss, torch.zeros_like(loss).detach()

@@ -316,7 +316,7 @@ class Trainer:
         samples = [
             Sample(
                 prompt=prompt,
-                completion=self.tokenizer.decode(comp.token_ids, skip_special_tokens=True),
+                completion=str(self.tokenizer.decode(comp.token_ids, skip_special_tokens=True)),
                 row=row,
             )
             for row, prompt, comp in items

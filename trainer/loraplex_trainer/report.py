@@ -110,7 +110,7 @@ def plot_rewards(exp: Experiment) -> Path | None:
 
     steps = [m["step"] for m in exp.history]
     rewards = [m["reward_mean"] for m in exp.history]
-    smooth = [_mean(rewards[max(0, i - SMOOTH + 1) : i + 1]) for i in range(len(rewards))]
+    smooth = [sum(rewards[max(0, i - SMOOTH + 1) : i + 1]) / min(i + 1, SMOOTH) for i in range(len(rewards))]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, rewards, color="#9ecae1", linewidth=1, label="train reward (step mean)")
     ax.plot(steps, smooth, color="#08519c", linewidth=2, label=f"moving mean ({SMOOTH} steps)")
