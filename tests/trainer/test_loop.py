@@ -113,6 +113,16 @@ def test_hot_add_joins_the_shared_batch_and_remove_frees_it(tiny_base: BaseModel
     assert a.state is State.COMPLETED
 
 
+def test_step_leaves_the_global_rng_as_it_found_it(tiny_base: BaseModel, workdir: Path) -> None:
+    # The step seeds torch's RNG for itself; other code in the process must not see that seed.
+    trainer = Trainer(tiny_base)
+    trainer.add(Experiment("a", spec(**{"algorithm.maxSteps": 1}), workdir / "a"), base_dir=workdir)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    trainer.step()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir: Path, workdir: Path) -> None:
     from loraplex_trainer.model_host import load_base_model
 

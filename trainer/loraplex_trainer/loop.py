@@ -169,12 +169,18 @@ class Trainer:
 
     def step(self) -> StepReport:
         """One shared GRPO step of every active experiment."""
+        # Dropout and unseeded rows draw from the global RNG: seed it from who is training at
+        # which step, so a resumed run repeats the uninterrupted one exactly. Forked, so the seed
+        # stays inside the step and does not leak into whatever else shares the process.
+        cuda_devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(request_seed(0, 0, hash_steps(self.active)))
+            return self._step()
+
+    def _step(self) -> StepReport:
         started = time.perf_counter()
         timings = Timings()
         active = self.active
-        # Dropout draws from the global RNG: seed it from who is training at which step, so a
-        # resumed run repeats the uninterrupted one exactly.
-        torch.manual_seed(request_seed(0, 0, hash_steps(active)))
 
         # 1. rollout: one batch with the rows of every experiment, each row on its own adapter
         t = time.perf_counter()
