@@ -11,8 +11,9 @@ import contextlib
 from collections.abc import Mapping
 from typing import get_args
 
-from loraplex_api.experiment import Phase
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from loraplex_api.experiment import Phase
 
 PHASES: tuple[str, ...] = get_args(Phase)
 SLOT_STATES = ("total", "used", "free")

@@ -15,10 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from loraplex_api import API_VERSION, AdapterRevision, ManifestError, Problem, parse_document
 from loraplex_api.experiment import LoRAExperiment, LoRAExperimentSpec, LoRAExperimentStatus
 from loraplex_api.pool import SharedBasePool, SharedBasePoolStatus
-from pydantic import ValidationError
 
 from .clock import from_rfc3339
 from .promotion import HISTORY_ANNOTATION, parse_history

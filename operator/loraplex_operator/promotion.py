@@ -28,9 +28,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import ValidationError
+
 from loraplex_api import AdapterRevision, Condition
 from loraplex_api.experiment import AdapterStatus, PromotionSpec
-from pydantic import ValidationError
 
 from .conditions import PROMOTED, Want
 from .events import Event

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from loraplex_api.cli import main
 
 from .test_models import EXPERIMENT, POOL, with_spec

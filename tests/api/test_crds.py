@@ -12,6 +12,7 @@ import celpy
 import jsonschema
 import pytest
 import yaml
+
 from loraplex_api import ManifestError, parse_document
 from loraplex_api.crdgen import all_crds, render
 

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+
 from loraplex_api import LoRAExperiment, ManifestError, SharedBasePool, parse_document, parse_quantity
 
 POOL: dict[str, Any] = {

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from loraplex_api import parse_document
 
 lua51 = pytest.importorskip("lupa.lua51", reason="lupa (a Lua runtime) is in the dev extras")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from loraplex_api import parse_document
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from loraplex_api import Condition
 from loraplex_operator.conditions import (
     FAILED,

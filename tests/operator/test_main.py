@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import kopf
+
 from loraplex_operator.main import build_settings
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from loraplex_operator.memory import (
     ALL_LINEAR,
     ExperimentCost,

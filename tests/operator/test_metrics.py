@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from loraplex_operator.metrics import OperatorMetrics
 from prometheus_client import CollectorRegistry, generate_latest
+
+from loraplex_operator.metrics import OperatorMetrics
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:

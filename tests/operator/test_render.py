@@ -6,6 +6,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+
 from loraplex_api import SharedBasePool
 from loraplex_operator.render import (
     HEALTH_PORT,

@@ -8,6 +8,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from loraplex_operator.memory import LinearShape, ModelFacts
 from loraplex_operator.scheduler import (
     POOL_NOT_FOUND,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from loraplex_trainer.model_host import BaseModel, load_base_model
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from loraplex_trainer.model_host import BaseModel, load_base_model
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from transformers import PreTrainedModel
+
 from loraplex_trainer.adapters import MultiLoRAModel
 from loraplex_trainer.model_host import BaseModel, load_base_model
 from loraplex_trainer.multilora import AdapterConfig, MultiLoRALinear
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from transformers import PreTrainedModel
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 # Different ranks, alphas and targets side by side. (Names avoid substrings of "lora_", which PEFT warns about.)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from loraplex_api.cli import build_parser
 from loraplex_trainer.agent import checkpoint_metric, config_from_args
 from loraplex_trainer.checkpoint import STATE_FILE

@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 import pytest
+
 from loraplex_api import LoRAExperimentSpec
 from loraplex_trainer.assignment import Assignment, config_map_refs, fingerprint, plan, select
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from loraplex_api.cli import main
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+
+from loraplex_api.cli import main
 
 
 def manifests(tmp_path: Path, model_dir: Path, *, steps: int = 3) -> Path:

@@ -7,6 +7,7 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
 from loraplex_trainer.cluster import ClusterClient, StatusWriter
 
 

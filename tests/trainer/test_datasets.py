@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from loraplex_api.experiment import DatasetSpec
 from loraplex_trainer.datasets import (
     DEFAULT_EVAL_ROWS,

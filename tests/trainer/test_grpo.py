@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from loraplex_trainer.grpo import group_advantages, per_token_loss, row_weights, token_logprobs
 
 

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from loraplex_api import LoRAExperimentSpec
 from loraplex_trainer.checkpoint import list_checkpoints
 from loraplex_trainer.experiment import Experiment, State
 from loraplex_trainer.loop import Trainer
 from loraplex_trainer.model_host import BaseModel
-from safetensors.torch import load_file
 
 # A smooth reward with spread on a random model: the share of vowels in the completion.
 VOWELS = """

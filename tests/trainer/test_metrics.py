@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry, generate_latest
+
 from loraplex_trainer.loop import StepReport, Timings
 from loraplex_trainer.metrics import TrainerMetrics, resident_bytes
-from prometheus_client import CollectorRegistry, generate_latest
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:

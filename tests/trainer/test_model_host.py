@@ -11,6 +11,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+
 from loraplex_trainer.model_host import BaseModel, ModelFacts, cache_root, load_base_model
 
 HIDDEN, INTERMEDIATE, LAYERS = 64, 128, 2

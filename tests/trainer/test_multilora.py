@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loraplex_trainer.multilora import AdapterConfig, AdapterRouting, MultiLoRALinear
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
+
+from loraplex_trainer.multilora import AdapterConfig, AdapterRouting, MultiLoRALinear
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 CONFIGS = {

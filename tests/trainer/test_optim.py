@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
+
 from loraplex_trainer.adapters import MultiLoRAModel
 from loraplex_trainer.model_host import BaseModel
 from loraplex_trainer.multilora import AdapterConfig
 from loraplex_trainer.optim import AdapterOptimizer, NonFiniteError, OptimizerConfig
-from torch import nn
 
 # Weight decay on both: a global AdamW would shrink B's weights on A's step.
 CONFIG = OptimizerConfig(learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from loraplex_api import LoRAExperimentSpec
 from loraplex_trainer.experiment import Experiment, State
 from loraplex_trainer.loop import Trainer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from loraplex_api.experiment import BUILTIN_DATASETS
 from loraplex_trainer.tasks import TASKS, generate
 

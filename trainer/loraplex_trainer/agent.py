@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes.config.config_exception import ConfigException
-from loraplex_api import SharedBasePool, now_rfc3339
 from prometheus_client import CollectorRegistry, start_http_server
+
+from loraplex_api import SharedBasePool, now_rfc3339
 
 from .assignment import Assignment, config_map_refs, plan, select
 from .checkpoint import STATE_FILE, list_checkpoints

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from loraplex_api import AdapterRevision, LoRAExperiment, LoRAExperimentSpec, TrainingStatus
 from loraplex_api.experiment import DataSource, PythonReward
-from pydantic import ValidationError
 
 REPLICA_LABEL = "loraplex.dev/replica"
 """The label the operator sets next to ``status.placement`` (the same constant as the operator's render)."""

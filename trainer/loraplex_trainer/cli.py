@@ -10,10 +10,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from loraplex_api import LoRAExperiment, ManifestError, SharedBasePool, load_manifests
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from loraplex_api import LoRAExperiment, ManifestError, SharedBasePool, load_manifests
 
 from .experiment import Experiment, State
 from .loop import Trainer

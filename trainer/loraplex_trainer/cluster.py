@@ -20,6 +20,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+
 from loraplex_api import GROUP, VERSION, now_rfc3339
 
 from .assignment import REPLICA_LABEL

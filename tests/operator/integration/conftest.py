@@ -404,9 +404,10 @@ def operator_config() -> Any:
 @pytest.fixture
 def operator(cluster: Cluster, operator_config: Any) -> Iterator[Operator]:
     """The loraplex operator against ``cluster``, started once its watches are open."""
+    from prometheus_client import CollectorRegistry
+
     from loraplex_operator.main import build_runtime, build_settings, operate
     from loraplex_operator.metrics import OperatorMetrics
-    from prometheus_client import CollectorRegistry
 
     settings = build_settings(standalone=True)
     settings.watching.connect_timeout = 5

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from loraplex_trainer.agent import Agent, AgentConfig
-from loraplex_trainer.cluster import ClusterClient
 from prometheus_client import CollectorRegistry, generate_latest
 
+from loraplex_trainer.agent import Agent, AgentConfig
+from loraplex_trainer.cluster import ClusterClient
 from tests.operator.integration.conftest import NAMESPACE, REPO, Cluster, wait_for
 
 T = TypeVar("T")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from loraplex_api.experiment import BUILTIN_REWARDS, RewardSpec
 from loraplex_trainer.rewards import RewardError, Sample, build_reward, extract_answer, last_number
 from loraplex_trainer.rewards.builtin import BUILDERS

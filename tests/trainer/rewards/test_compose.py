@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from loraplex_api.experiment import RewardSpec
 from loraplex_trainer.rewards import RewardError, Sample, WeightedSum, build_reward
 

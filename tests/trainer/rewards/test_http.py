@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from loraplex_api.experiment import RewardSpec
 from loraplex_trainer.rewards import RewardError, Sample, build_reward
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from loraplex_api.experiment import RewardSpec
 from loraplex_trainer.rewards import PythonFunctionReward, Reward, RewardError, Sample, build_reward
 
