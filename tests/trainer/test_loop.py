@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,13 @@ from loraplex_trainer.model_host import BaseModel
 VOWELS = """
 def reward(prompt, completion, row):
     return sum(c in "aeiou" for c in completion) / max(len(completion), 1)
+"""
+HANGS = """
+import time
+
+def reward(prompt, completion, row):
+    time.sleep(60)
+    return 1.0
 """
 RAISES = """
 def reward(prompt, completion, row):
@@ -55,6 +63,7 @@ def spec(reward_file: str = "vowels.py", **overrides: Any) -> LoRAExperimentSpec
 def workdir(tmp_path: Path) -> Path:
     (tmp_path / "vowels.py").write_text(VOWELS)
     (tmp_path / "raises.py").write_text(RAISES)
+    (tmp_path / "hangs.py").write_text(HANGS)
     return tmp_path
 
 
@@ -163,6 +172,17 @@ def test_crashing_reward_fails_only_its_experiment(tiny_base: BaseModel, workdir
     assert bad.state is State.FAILED
     assert "KeyError" in bad.message and "no such field: score" in bad.message
     assert "bad" not in trainer.model.adapter_names()
+
+
+def test_hanging_reward_times_out_and_fails_only_its_experiment(tiny_base: BaseModel, workdir: Path) -> None:
+    trainer = Trainer(tiny_base)
+    good = Experiment("good", spec(**{"algorithm.maxSteps": 2}), workdir / "good")
+    stuck = Experiment("stuck", spec("hangs.py", **{"reward.python.timeoutSeconds": 1}), workdir / "stuck")
+    started = time.monotonic()
+    run(trainer, good, stuck, base_dir=workdir)
+    assert time.monotonic() - started < 30  # the trainer was not stalled for the sleep's 60 s
+    assert good.state is State.COMPLETED
+    assert stuck.state is State.FAILED and "did not return within 1s" in stuck.message, stuck.message
 
 
 def test_unreadable_dataset_fails_only_its_experiment(tiny_base: BaseModel, workdir: Path) -> None:
