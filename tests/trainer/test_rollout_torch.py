@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from loraplex_trainer.adapters import MultiLoRAModel
 from loraplex_trainer.grpo import token_logprobs
 from loraplex_trainer.model_host import BaseModel
@@ -78,6 +79,43 @@ def test_greedy_rows_of_a_mixed_batch_match_each_row_alone(
         [GenerationRequest(prompt, name, 16, temperature=0.0) for name in [*RANKS, None]]
     )
     assert len({tuple(c.token_ids) for c in outputs}) == len(outputs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_sharing_a_prompt_and_adapter_prefill_once_and_match_each_row_alone(
+    engine: TorchRolloutEngine, tiny_base: BaseModel, temperature: float
+) -> None:
+    # A GRPO group: one prompt and adapter, several seeds; the same prompt under another adapter
+    # and unrelated rows sit between its members.
+    prompt = encode(tiny_base, "What is seven times six?")
+    group = [GenerationRequest(prompt, "r4", 12, temperature=temperature, seed=s) for s in range(4)]
+    other_adapter = GenerationRequest(prompt, "r8", 12, temperature=temperature, seed=0)
+    hi, _, base_row, *_ = mixed_requests(tiny_base, temperature=temperature)
+    requests = [group[0], hi, group[1], other_adapter, group[2], base_row, group[3]]
+    forwards: list[tuple[int, ...]] = []
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        forwards.append(tuple(kwargs["input_ids"].shape))
+
+    hook = engine.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        together = engine.generate(requests)
+    finally:
+        hook.remove()
+    # One prefill row per distinct (adapter, prompt): the group, the other adapter, hi, base_row.
+    assert forwards[0][0] == 4
+    assert all(width == 1 for _, width in forwards[1:])  # then only decode steps
+    for request, mixed in zip(requests, together, strict=True):
+        [alone] = engine.generate([request])
+        assert mixed.token_ids == alone.token_ids
+        assert mixed.finish_reason == alone.finish_reason
+        torch.testing.assert_close(
+            torch.tensor(mixed.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=0
+        )
+    group_outputs = {tuple(together[i].token_ids) for i in (0, 2, 4, 6)}
+    assert len(group_outputs) == (1 if temperature == 0 else 4)  # shared prefill, own samples
+    unshared = TorchRolloutEngine(engine.model, tiny_base.tokenizer, share_prefill=False)
+    assert [c.token_ids for c in unshared.generate(requests)] == [c.token_ids for c in together]
 
 
 def test_sub_batches_fit_max_batch_tokens_and_give_the_same_output(

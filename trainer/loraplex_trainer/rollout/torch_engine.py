@@ -51,7 +51,11 @@ def sample_next(
 
 
 class TorchRolloutEngine:
-    """Generates mixed-adapter batches with the HF KV cache, compacting rows as they finish."""
+    """Generates mixed-adapter batches with the HF KV cache.
+
+    Rows that share adapter and prompt (a GRPO group) share one prefill; rows leave the batch
+    as they finish.
+    """
 
     def __init__(
         self,
@@ -59,11 +63,14 @@ class TorchRolloutEngine:
         tokenizer: PreTrainedTokenizerBase,
         *,
         max_batch_tokens: int | None = None,
+        share_prefill: bool = True,
     ) -> None:
+        """Sample from ``model``; ``share_prefill=False`` prefills every row on its own (benchmarks)."""
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens: {max_batch_tokens} must be at least 1")
         self.model = model
         self.max_batch_tokens = max_batch_tokens
+        self.share_prefill = share_prefill
         self.stop_ids = stop_token_ids(model, tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
@@ -80,9 +87,17 @@ class TorchRolloutEngine:
             if r.max_new_tokens == 0
         }
         todo = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
-        # Similar prompt lengths side by side waste less padding; a row's output does not depend
-        # on its neighbours (up to float rounding), so the order is free to choose.
-        todo.sort(key=lambda i: (len(requests[i].prompt_ids), requests[i].max_new_tokens))
+        # Similar prompt lengths side by side waste less padding, and identical prompts side by
+        # side share one prefill even when max_batch_tokens splits the rows; a row's output does
+        # not depend on its neighbours (up to float rounding), so the order is free to choose.
+        todo.sort(
+            key=lambda i: (
+                len(requests[i].prompt_ids),
+                requests[i].max_new_tokens,
+                requests[i].prompt_ids,
+                requests[i].adapter or "",
+            )
+        )
 
         was_training = self.model.training
         self.model.eval()  # no adapter dropout while sampling
@@ -129,19 +144,11 @@ class TorchRolloutEngine:
 
     @torch.inference_mode()
     def _generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        """Prefill left-padded prompts, then decode one token per step until every row stops."""
+        """Prefill each distinct prompt once, then decode one token per row per step until all stop."""
         device = self.model.model.device
         n = len(requests)
-        width = max(len(r.prompt_ids) for r in requests)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros((n, width), dtype=torch.long, device=device)
-        for row, request in enumerate(requests):
-            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(
-                request.prompt_ids, device=device
-            )
-            attention_mask[row, width - len(request.prompt_ids) :] = 1
-        # Positions count real tokens only, so a left-padded row sees the positions it would alone.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.model.config)
+        logits, attention_mask, position_ids = self._prefill(requests, cache)
         temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device)
         top_p = torch.tensor([r.top_p for r in requests], dtype=torch.float32, device=device)
         generators = [row_generator(r.seed) for r in requests]
@@ -150,22 +157,10 @@ class TorchRolloutEngine:
         logprobs: list[list[float]] = [[] for _ in requests]
         finish: list[FinishReason] = ["length"] * n
         active = list(range(n))  # request index of each row still in the batch
-        cache = DynamicCache(config=self.model.model.config)
-        while active:
-            with self.model.use_adapters([requests[i].adapter for i in active]):
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+        while True:
             # Drawn on the CPU from each row's own generator: same seed, same draws, on any device.
             uniforms = torch.stack([torch.rand((), generator=generators[i]) for i in active]).to(device)
-            next_ids, next_logprobs = sample_next(
-                out.logits[:, -1].float(), temperature[active], top_p[active], uniforms
-            )
+            next_ids, next_logprobs = sample_next(logits, temperature[active], top_p[active], uniforms)
             keep: list[int] = []  # batch positions of rows that go on
             for pos, (i, token, logprob) in enumerate(
                 zip(active, next_ids.tolist(), next_logprobs.tolist(), strict=True)
@@ -188,12 +183,69 @@ class TorchRolloutEngine:
                     next_ids[kept],
                 )
                 active = [active[pos] for pos in keep]
-            input_ids = next_ids[:, None]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
             position_ids = position_ids[:, -1:] + 1
+            with self.model.use_adapters([requests[i].adapter for i in active]):
+                out = self.model(
+                    input_ids=next_ids[:, None],
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            logits = out.logits[:, -1].float()
         return [
             Completion(list(r.prompt_ids), tokens[i], logprobs[i], finish[i]) for i, r in enumerate(requests)
         ]
+
+    def _prefill(
+        self, requests: Sequence[GenerationRequest], cache: DynamicCache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run each distinct (adapter, prompt) once and copy its cache to every row that shares it.
+
+        The rows of a GRPO group differ only in their seeds, so this divides a step's prompt work
+        by groupSize; a copied cache holds exactly what the row's own prefill would. Returns the last-position logits [n, V] (float32), the attention mask and the
+        position ids of all n rows.
+        """
+        device = self.model.model.device
+        unique: list[GenerationRequest] = []  # the rows that are prefilled
+        source: list[int] = []  # row -> the position of its prefix in unique
+        seen: dict[tuple[str | None, tuple[int, ...]], int] = {}
+        for request in requests:
+            key = (request.adapter, tuple(request.prompt_ids))
+            if key not in seen or not self.share_prefill:
+                seen[key] = len(unique)
+                unique.append(request)
+            source.append(seen[key])
+        m = len(unique)
+        width = max(len(r.prompt_ids) for r in unique)
+        input_ids = torch.full((m, width), self.pad_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros((m, width), dtype=torch.long, device=device)
+        for row, request in enumerate(unique):
+            prompt = request.prompt_ids
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+            attention_mask[row, width - len(prompt) :] = 1
+        # Positions count real tokens only, so a left-padded row sees the positions it would alone.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self.model.use_adapters([r.adapter for r in unique]):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                # An index tensor rather than logits_to_keep=1: the head then sees a contiguous
+                # [m, 1, hidden] copy and runs as one matrix product, where the strided slice of
+                # an int makes torch.matmul fall back to a batched product, ~9x slower on CPU.
+                logits_to_keep=torch.tensor([width - 1], device=device),
+            )
+        logits = out.logits[:, -1].float()  # [m, V]
+        if m < len(requests):
+            index = torch.tensor(source, device=device)
+            cache.batch_select_indices(index)
+            logits, attention_mask, position_ids = logits[index], attention_mask[index], position_ids[index]
+        return logits, attention_mask, position_ids
 
 
 def stop_token_ids(model: MultiLoRAModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

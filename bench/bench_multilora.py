@@ -1,0 +1,156 @@
+"""Cost of serving several LoRA adapters in one batch, side by side in one process.
+
+On a real base model (SmolLM2-135M by default) with the quickstart's four adapters (ranks 8, 4,
+16, 8 on different target modules), each measurement interleaved --repeats times, medians:
+
+- training micro-batch, forward+backward of A adapters x R rows x T tokens: one mixed-adapter
+  pass vs. A sequential single-adapter passes over the same rows, and vs. the base alone (with
+  gradients to the input embeddings, so the backward runs through every layer just the same);
+- decode step, A x R rows x 1 token: mixed vs. sequential vs. the base alone.
+
+The base-alone ratio is the price of the multi-LoRA layers; mixed vs. sequential is what sharing
+one batch buys. Usage: ``python bench/bench_multilora.py [--repeats N] [--threads N] [--model URI]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+try:
+    import loraplex_trainer  # noqa: F401
+except ImportError:  # running from a checkout without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+
+import torch
+
+from loraplex_trainer.adapters import MultiLoRAModel
+from loraplex_trainer.model_host import load_base_model
+from loraplex_trainer.multilora import AdapterConfig
+
+# The quickstart's four adapters: (rank, target modules).
+ADAPTERS: list[tuple[int, tuple[str, ...] | str]] = [
+    (8, ("q_proj", "v_proj", "o_proj")),
+    (4, ("q_proj", "v_proj")),
+    (16, "all-linear"),
+    (8, ("q_proj", "k_proj", "v_proj", "o_proj")),
+]
+
+
+def train_pass(model: MultiLoRAModel, ids: torch.Tensor, rows: list[str | None], keep: int) -> None:
+    """One training-shaped forward+backward: logits for the last ``keep`` positions, a scalar loss."""
+    embeddings = model.model.get_input_embeddings()(ids).detach()
+    # Without adapters nothing would need a gradient; asking for one at the input makes the base
+    # alone run the same backward through every layer as an adapter's gradient does.
+    embeddings.requires_grad_(rows.count(None) == len(rows))
+    width = ids.shape[1]
+    with model.use_adapters(rows):
+        logits = model(inputs_embeds=embeddings, logits_to_keep=torch.arange(width - keep, width)).logits
+        logits.float().logsumexp(-1).mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+@torch.inference_mode()
+def decode_pass(model: MultiLoRAModel, ids: torch.Tensor, rows: list[str | None]) -> None:
+    """One decode-shaped forward: one token per row, the last position's logits."""
+    with model.use_adapters(rows):
+        model(input_ids=ids, logits_to_keep=1)
+
+
+def measure(arms: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each arm, the arms interleaved so that load changes hit all of them alike."""
+    seconds: dict[str, list[float]] = {arm: [] for arm in arms}
+    for run in arms.values():  # warm-up: first-call allocations and lazy initialisation
+        run()
+    for _ in range(repeats):
+        for arm, run in arms.items():
+            started = time.perf_counter()
+            run()
+            seconds[arm].append(time.perf_counter() - started)
+    return {arm: statistics.median(values) for arm, values in seconds.items()}
+
+
+def report(title: str, medians: dict[str, float]) -> None:
+    """Print each arm's median and its ratio to the mixed batch."""
+    print(title)
+    for arm, seconds in medians.items():
+        print(f"  {arm:<34} {seconds * 1000:>9.1f} ms   {seconds / medians['mixed']:>5.2f} x mixed")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="builtin://smollm2-135m-instruct")
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--rows", type=int, default=8, help="rows per adapter")
+    parser.add_argument("--tokens", type=int, default=52, help="tokens per training row (prompt+completion)")
+    parser.add_argument("--keep", type=int, default=13, help="positions whose logits the loss needs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    base = load_base_model(args.model)
+    model = MultiLoRAModel(base.model)
+    names = []
+    for index in range(args.adapters):
+        rank, targets = ADAPTERS[index % len(ADAPTERS)]
+        names.append(f"adapter{index}")
+        model.add_adapter(
+            names[-1], AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=targets), seed=index
+        )
+    model.train()
+    n = args.adapters * args.rows
+    mixed: list[str | None] = [name for name in names for _ in range(args.rows)]
+    generator = torch.Generator().manual_seed(0)
+    vocab = base.model.config.vocab_size
+    ids = torch.randint(0, vocab, (n, args.tokens), generator=generator)
+    blocks = [slice(a * args.rows, (a + 1) * args.rows) for a in range(args.adapters)]
+
+    def sequential(run: Callable[[torch.Tensor, list[str | None]], None], x: torch.Tensor) -> None:
+        for name, block in zip(names, blocks, strict=True):
+            run(x[block], [name] * args.rows)
+
+    print(
+        f"{args.model}: {args.adapters} adapters x {args.rows} rows, threads={torch.get_num_threads()}, "
+        f"repeats={args.repeats} (medians)"
+    )
+    keep = args.keep
+    report(
+        f"training micro-batch, forward+backward of {n} rows x {args.tokens} tokens",
+        measure(
+            {
+                "mixed": lambda: train_pass(model, ids, mixed, keep),
+                f"{args.adapters} sequential single-adapter": lambda: sequential(
+                    lambda x, rows: train_pass(model, x, rows, keep), ids
+                ),
+                "base alone (grad to inputs)": lambda: train_pass(model, ids, [None] * n, keep),
+            },
+            args.repeats,
+        ),
+    )
+    model.eval()
+    step = ids[:, :1]
+    report(
+        f"decode step, {n} rows x 1 token",
+        measure(
+            {
+                "mixed": lambda: decode_pass(model, step, mixed),
+                f"{args.adapters} sequential single-adapter": lambda: sequential(
+                    lambda x, rows: decode_pass(model, x, rows), step
+                ),
+                "base alone": lambda: decode_pass(model, step, [None] * n),
+            },
+            args.repeats * 5,
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()
