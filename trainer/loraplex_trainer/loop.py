@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from .adapters import MultiLoRAModel
 from .checkpoint import CheckpointState, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -354,7 +355,8 @@ class Trainer:
             i for i, r in enumerate(rows)
             if r.completion.token_ids and (r.advantage != 0.0 or specs[r.experiment].algorithm.kl_coef > 0)
         ]  # fmt: skip
-        useful.sort(key=lambda i: (len(rows[i].prompt_ids) + len(rows[i].completion.token_ids), i))
+        # By prompt, so that a group's rows share a micro-batch and with it one prompt pass.
+        useful.sort(key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids, rows[i].experiment, i))
         train_tokens = 0
         self.model.train()
         for batch in self._micro_batches(useful, rows):
@@ -392,62 +394,58 @@ class Trainer:
     ) -> int:
         device = self.model.model.device
         pad = self.tokenizer.pad_token_id
-        seqs = [r.prompt_ids + r.completion.token_ids for r in rows]
-        width = max(len(s) for s in seqs)
-        keep = max(len(r.completion.token_ids) for r in rows) + 1  # logits only where completions are
-        # Left padding: every sequence ends at the last column, so completions sit in the last `keep`.
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        targets = ids[:, width - keep + 1 :]  # [B, keep-1] tokens predicted by the kept logits
-        n = keep - 1
+        # Completions are left-aligned and right-padded to the longest: column j is token j.
+        n = max(len(r.completion.token_ids) for r in rows)
+        targets = torch.tensor(
+            [r.completion.token_ids + [pad] * (n - len(r.completion.token_ids)) for r in rows], device=device
+        )
         mask = torch.zeros(len(rows), n, device=device)
         old = torch.zeros(len(rows), n, device=device)
         for i, r in enumerate(rows):
             c = len(r.completion.token_ids)
-            mask[i, n - c :] = 1.0
-            old[i, n - c :] = torch.tensor(r.completion.logprobs, device=device)
+            mask[i, :c] = 1.0
+            old[i, :c] = torch.tensor(r.completion.logprobs, device=device)
         temps = torch.tensor(
             [_train_temperature(specs[r.experiment].algorithm.temperature) for r in rows], device=device
         )
         advantages = torch.tensor([r.advantage for r in rows], device=device)
         adapters = [r.experiment for r in rows]
-
-        ref = None
         kl_coefs = torch.tensor([specs[r.experiment].algorithm.kl_coef for r in rows], device=device)
-        if bool((kl_coefs > 0).any()):
-            # The reference policy is the same model with adapters switched off for these rows.
-            with torch.no_grad(), self.model.use_adapters([None] * len(rows)):
-                ref_logits = self.model(
-                    input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep
-                ).logits
-                ref = _logprobs(ref_logits[:, :-1], targets, temps)
+
+        logits = completion_logits(self.model, rows, adapters, pad)
+        logprobs = _logprobs(logits, targets, temps)
+        del logits
+        ref = None
+        kl_rows = [i for i, coef in enumerate(kl_coefs.tolist()) if coef > 0]
+        if kl_rows:
+            # The reference policy is the same model with adapters switched off, needed only on
+            # rows that pay a KL term; elsewhere it equals the policy, so their k3 term is 0.
+            ref = logprobs.detach().clone()
+            with torch.no_grad():
+                kl_batch = [rows[i] for i in kl_rows]
+                ref_logits = completion_logits(self.model, kl_batch, [None] * len(kl_rows), pad)
+                width = ref_logits.shape[1]
+                ref[kl_rows, :width] = _logprobs(ref_logits, targets[kl_rows, :width], temps[kl_rows])
                 del ref_logits
-        with self.model.use_adapters(adapters):
-            logits = self.model(
-                input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep
-            ).logits
-            logprobs = _logprobs(logits[:, :-1], targets, temps)
-            clip_low = torch.tensor([specs[a].algorithm.clip_low for a in adapters], device=device)[:, None]
-            clip_high = torch.tensor([specs[a].algorithm.clip_high for a in adapters], device=device)[:, None]
-            per_token, kl = per_token_loss(
-                logprobs,
-                old,
-                advantages,
-                clip_low=clip_low,
-                clip_high=clip_high,
-                ref_logprobs=ref,
-                kl_coef=kl_coefs[:, None],
-            )
-            per_row = (per_token * mask).sum(-1) * weights.to(
-                device
-            )  # [B] each row's share of its experiment's loss
-            per_row.sum().backward()
+        clip_low = torch.tensor([specs[a].algorithm.clip_low for a in adapters], device=device)[:, None]
+        clip_high = torch.tensor([specs[a].algorithm.clip_high for a in adapters], device=device)[:, None]
+        per_token, kl = per_token_loss(
+            logprobs,
+            old,
+            advantages,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            ref_logprobs=ref,
+            kl_coef=kl_coefs[:, None],
+        )
+        # [B] each row's share of its experiment's loss
+        per_row = (per_token * mask).sum(-1) * weights.to(device)
+        per_row.sum().backward()
         for i, name in enumerate(adapters):
             losses[name] += float(per_row[i].detach())
             kls[name] += float((kl[i] * mask[i]).sum())
             kl_tokens[name] += float(mask[i].sum())
-        return int(attention.sum())
+        return sum(len(r.prompt_ids) + len(r.completion.token_ids) for r in rows)
 
     # ----------------------------------------------------------------- eval, checkpoints, completion
 
@@ -536,10 +534,73 @@ def _train_temperature(temperature: float) -> float:
     return temperature if temperature > 0 else 1.0
 
 
+def completion_logits(
+    model: MultiLoRAModel, rows: Sequence[_Row], adapters: Sequence[str | None], pad_id: int
+) -> torch.Tensor:
+    """Logits [B, C, V] predicting each row's completion tokens, running each distinct prompt once.
+
+    Column j predicts completion token j; C is the longest completion. The rows of a GRPO group
+    share prompt and adapter, so the prompt runs once into a KV cache that is then copied to each
+    row; the copy is differentiable, so every row's gradient still reaches the prompt's tokens,
+    and only the completions run per row. Row i uses adapter ``adapters[i]`` (None: the base).
+    """
+    device = model.model.device
+    prompts: list[tuple[str | None, list[int]]] = []
+    source: list[int] = []  # row -> its prompt's position in prompts
+    seen: dict[tuple[str | None, tuple[int, ...]], int] = {}
+    for row, adapter in zip(rows, adapters, strict=True):
+        key = (adapter, tuple(row.prompt_ids))
+        if key not in seen:
+            seen[key] = len(prompts)
+            prompts.append((adapter, row.prompt_ids))
+        source.append(seen[key])
+    index = torch.tensor(source, device=device)
+
+    # The prompts, left-padded so that each ends in the last column.
+    width = max(len(ids) for _, ids in prompts)
+    prompt_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for _, ids in prompts], device=device)
+    prompt_mask = torch.tensor(
+        [[0] * (width - len(ids)) + [1] * len(ids) for _, ids in prompts], device=device
+    )
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.model.config)
+    with model.use_adapters([adapter for adapter, _ in prompts]):
+        last = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=prompt_positions,
+            past_key_values=cache,
+            use_cache=True,
+            # An index tensor gives the head a contiguous copy (one matrix product, not a batched one).
+            logits_to_keep=torch.tensor([width - 1], device=device),
+        ).logits[index]  # [B, 1, V] predicts completion token 0
+    c = max(len(r.completion.token_ids) for r in rows)
+    if c == 1:
+        return last
+    cache.batch_select_indices(index)  # the prompt's keys and values, one copy per row
+
+    # The completions, right-padded: a row's padding comes after its tokens, so they never see it.
+    lengths = torch.tensor([len(r.completion.token_ids) for r in rows], device=device)
+    completion_ids = torch.tensor(
+        [r.completion.token_ids + [pad_id] * (c - len(r.completion.token_ids)) for r in rows], device=device
+    )
+    completion_mask = (torch.arange(c, device=device)[None, :] < lengths[:, None]).long()
+    with model.use_adapters(adapters):
+        rest = model(
+            input_ids=completion_ids,
+            attention_mask=torch.cat([prompt_mask[index], completion_mask], dim=1),
+            position_ids=prompt_positions[index, -1:] + 1 + torch.arange(c, device=device)[None, :],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=torch.arange(c - 1, device=device),  # token c-1 predicts nothing we train on
+        ).logits  # [B, c-1, V]
+    return torch.cat([last, rest], dim=1)
+
+
 def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
     """token_logprobs with a per-row temperature (rows of different experiments may differ)."""
     if bool((temps == temps[0]).all()):
         return token_logprobs(logits, targets, float(temps[0]))
-    return torch.cat(
-        [token_logprobs(logits[i : i + 1], targets[i : i + 1], float(temps[i])) for i in range(len(temps))]
-    )
+    # Scaling first keeps one call: per-row calls on logits[i : i + 1] each backpropagate a
+    # zero-filled gradient the size of the whole [B, T, V] logits.
+    return token_logprobs(logits / temps[:, None, None], targets, 1.0)
