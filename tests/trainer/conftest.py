@@ -12,6 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from loraplex_trainer.model_host import BaseModel, load_base_model
 
+# The tiny models gain nothing from intra-op threads, and threads spinning against the reward
+# workers and agent threads on a 2-core machine made some tests up to 20x slower.
+torch.set_num_threads(1)
+
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML, the template SmolLM2-Instruct uses, so tests see the same prompt shape as the real model.
