@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import threading
 from collections.abc import Sequence
 
@@ -56,6 +57,9 @@ def build_settings(
     settings.peering.clusterwide = clusterwide
     if peering:
         settings.peering.name = peering
+        # kopf freezes every peer that sees another one of equal priority, so replicas of one
+        # Deployment (identical flags) would all stand still; a random priority elects one.
+        settings.peering.priority = secrets.randbelow(2**31 - 1) + 1
     return settings
 
 

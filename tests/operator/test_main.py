@@ -28,3 +28,9 @@ def test_standalone_by_default_and_mandatory_peering_when_named() -> None:
 def test_only_trainer_pods_are_watched() -> None:
     selectors = build_settings().watching.label_selectors
     assert list(selectors.values()) == ["loraplex.dev/pool"]
+
+
+def test_peered_replicas_get_distinct_priorities() -> None:
+    """Equal priorities make kopf freeze every peer; each replica must draw its own."""
+    priorities = {build_settings(peering="loraplex", standalone=False).peering.priority for _ in range(5)}
+    assert len(priorities) == 5 and all(p > 0 for p in priorities)
