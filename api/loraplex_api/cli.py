@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--max-steps", type=int, default=None, help="cap every experiment's maxSteps (smoke runs)"
     )
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: one per core; use 1 on a machine busy with other work)",
+    )
     train.set_defaults(func=_train)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
