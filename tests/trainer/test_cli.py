@@ -84,7 +84,17 @@ def test_train_writes_every_output_and_resumes(tmp_path: Path, tiny_model_dir: P
 def test_train_resumes_an_unfinished_run_with_more_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "out"
     assert (
-        main(["train", str(manifests(tmp_path, tiny_model_dir, steps=2)), "--output", str(out), "--no-live"])
+        main(
+            [
+                "train",
+                str(manifests(tmp_path, tiny_model_dir, steps=2)),
+                "--output",
+                str(out),
+                "--no-live",
+                "--threads",
+                "1",
+            ]
+        )
         == 0
     )
     assert (
