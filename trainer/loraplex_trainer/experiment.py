@@ -6,7 +6,6 @@ import enum
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,6 @@ class Experiment:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_reward: float | None = None
-    started: float = field(default_factory=time.monotonic)
     wall_seconds: float = 0.0  # training time accumulated over all runs (resumes add to it)
 
     @property
