@@ -42,7 +42,11 @@ def test_checked_in_crds_match_the_command_output(tmp_path: Path) -> None:
 def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
     out = []
     if isinstance(node, dict):
-        if "type" in node or "x-kubernetes-int-or-string" in node or "x-kubernetes-preserve-unknown-fields" in node:
+        if (
+            "type" in node
+            or "x-kubernetes-int-or-string" in node
+            or "x-kubernetes-preserve-unknown-fields" in node
+        ):
             out.append((path, node))
         for key in ("properties",):
             for name, child in node.get(key, {}).items():
@@ -81,11 +85,25 @@ def test_subresources_short_names_and_columns() -> None:
         "labelSelectorPath": ".status.selector",
     }
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Model", "Desired", "Ready", "Slots", "Used", "Pending", "Status", "Age"
+        "Model",
+        "Desired",
+        "Ready",
+        "Slots",
+        "Used",
+        "Pending",
+        "Status",
+        "Age",
     ]
     columns = exp["spec"]["versions"][0]["additionalPrinterColumns"]
     assert [c["name"] for c in columns if not c.get("priority")] == [
-        "Pool", "Status", "Ready", "Step", "Progress", "Reward", "Promoted", "Age"
+        "Pool",
+        "Status",
+        "Ready",
+        "Step",
+        "Progress",
+        "Reward",
+        "Promoted",
+        "Age",
     ]
     assert [c["name"] for c in columns if c.get("priority") == 1] == ["Rank", "Replica", "Candidate"]
     assert all("[-1:]" not in c["jsonPath"] for c in columns)
@@ -125,12 +143,33 @@ def cel_violations(doc: dict[str, Any], filename: str) -> list[str]:
 
 
 CROSS_FIELD_CASES = [
-    ("loraexperiments.yaml", with_spec(EXPERIMENT, "dataset", {"builtin": {"name": "arithmetic"}, "file": "a.jsonl"})),
-    ("loraexperiments.yaml", with_spec(EXPERIMENT, "dataset", {"inline": [{"prompt": "p", "answer": "a"}], "evalFraction": 0.2, "eval": {"file": "e.jsonl"}})),
+    (
+        "loraexperiments.yaml",
+        with_spec(EXPERIMENT, "dataset", {"builtin": {"name": "arithmetic"}, "file": "a.jsonl"}),
+    ),
+    (
+        "loraexperiments.yaml",
+        with_spec(
+            EXPERIMENT,
+            "dataset",
+            {"inline": [{"prompt": "p", "answer": "a"}], "evalFraction": 0.2, "eval": {"file": "e.jsonl"}},
+        ),
+    ),
     ("loraexperiments.yaml", with_spec(EXPERIMENT, "lora", {"targetModules": ["all-linear", "q_proj"]})),
-    ("loraexperiments.yaml", with_spec(EXPERIMENT, "reward", {"builtin": {"name": "exact_match"}, "http": {"url": "http://r"}})),
-    ("loraexperiments.yaml", with_spec(EXPERIMENT, "reward", {"terms": [{"builtin": {"name": "length"}, "python": {"file": "r.py"}}]})),
-    ("loraexperiments.yaml", with_spec(EXPERIMENT, "reward", {"python": {"file": "r.py", "configMap": {"name": "c", "key": "k"}}})),
+    (
+        "loraexperiments.yaml",
+        with_spec(EXPERIMENT, "reward", {"builtin": {"name": "exact_match"}, "http": {"url": "http://r"}}),
+    ),
+    (
+        "loraexperiments.yaml",
+        with_spec(
+            EXPERIMENT, "reward", {"terms": [{"builtin": {"name": "length"}, "python": {"file": "r.py"}}]}
+        ),
+    ),
+    (
+        "loraexperiments.yaml",
+        with_spec(EXPERIMENT, "reward", {"python": {"file": "r.py", "configMap": {"name": "c", "key": "k"}}}),
+    ),
     ("sharedbasepools.yaml", with_spec(POOL, "autoscaling", {"minReplicas": 4, "maxReplicas": 2})),
 ]
 
@@ -145,13 +184,19 @@ def test_cel_rules_and_pydantic_reject_the_same_manifests(filename: str, doc: di
 def _examples() -> list[dict[str, Any]]:
     docs = []
     for file in sorted((ROOT / "examples").rglob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(file.read_text()) if d and d.get("apiVersion", "").startswith("loraplex")]
+        docs += [
+            d
+            for d in yaml.safe_load_all(file.read_text())
+            if d and d.get("apiVersion", "").startswith("loraplex")
+        ]
     return docs
 
 
 @pytest.mark.parametrize("doc", [POOL, EXPERIMENT, *_examples()], ids=lambda d: d["metadata"]["name"])
 def test_valid_manifests_pass_schema_cel_and_pydantic(doc: dict[str, Any]) -> None:
-    filename = {"SharedBasePool": "sharedbasepools.yaml", "LoRAExperiment": "loraexperiments.yaml"}[doc["kind"]]
+    filename = {"SharedBasePool": "sharedbasepools.yaml", "LoRAExperiment": "loraexperiments.yaml"}[
+        doc["kind"]
+    ]
     schema = copy.deepcopy(openapi(filename))
     jsonschema.Draft4Validator(schema).validate(doc)
     assert cel_violations(doc, filename) == []
@@ -163,7 +208,9 @@ def test_schema_rejects_what_it_can_see() -> None:
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft4Validator(schema).validate(with_spec(EXPERIMENT, "lora.rank", 0))
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.Draft4Validator(schema).validate(with_spec(EXPERIMENT, "algorithm.lossAggregation", "mean"))
+        jsonschema.Draft4Validator(schema).validate(
+            with_spec(EXPERIMENT, "algorithm.lossAggregation", "mean")
+        )
 
 
 def test_render_is_stable() -> None:

@@ -69,7 +69,10 @@ def test_wire_form_is_camel_case_and_round_trips() -> None:
 @pytest.mark.parametrize(
     ("doc", "expected"),
     [
-        (with_spec(EXPERIMENT, "lora.rank", 0), "LoRAExperiment/arith: spec.lora.rank: Input should be greater"),
+        (
+            with_spec(EXPERIMENT, "lora.rank", 0),
+            "LoRAExperiment/arith: spec.lora.rank: Input should be greater",
+        ),
         (with_spec(EXPERIMENT, "lora.rnak", 8), "LoRAExperiment/arith: spec.lora.rnak: unknown field"),
         (
             with_spec(EXPERIMENT, "algorithm.lossAggregation", "mean"),
@@ -92,7 +95,11 @@ def test_wire_form_is_camel_case_and_round_trips() -> None:
             "LoRAExperiment/arith: spec.optimizer.betas[1]: 1.5 must be in [0, 1)",
         ),
         (
-            with_spec(EXPERIMENT, "dataset", {"builtin": {"name": "arithmetic"}, "evalFraction": 0.1, "eval": {"file": "e.jsonl"}}),
+            with_spec(
+                EXPERIMENT,
+                "dataset",
+                {"builtin": {"name": "arithmetic"}, "evalFraction": 0.1, "eval": {"file": "e.jsonl"}},
+            ),
             "LoRAExperiment/arith: spec.dataset.eval: set evalFraction or eval, not both",
         ),
         (
@@ -118,17 +125,25 @@ def test_missing_required_field_and_wrong_kind() -> None:
     doc = copy.deepcopy(EXPERIMENT)
     del doc["spec"]["reward"]
     assert problems(doc) == ["LoRAExperiment/arith: spec.reward: required field is missing"]
-    assert problems({**EXPERIMENT, "kind": "Experiment"})[0].startswith("Experiment/arith: kind: must be one of")
-    assert problems({**EXPERIMENT, "apiVersion": "v1"})[0].startswith("LoRAExperiment/arith: apiVersion: must be")
+    assert problems({**EXPERIMENT, "kind": "Experiment"})[0].startswith(
+        "Experiment/arith: kind: must be one of"
+    )
+    assert problems({**EXPERIMENT, "apiVersion": "v1"})[0].startswith(
+        "LoRAExperiment/arith: apiVersion: must be"
+    )
 
 
 def test_reward_terms_validate_each_term() -> None:
-    doc = with_spec(EXPERIMENT, "reward", {"terms": [{"weight": 0.5, "builtin": {"name": "length"}}, {"weight": 1}]})
+    doc = with_spec(
+        EXPERIMENT, "reward", {"terms": [{"weight": 0.5, "builtin": {"name": "length"}}, {"weight": 1}]}
+    )
     assert problems(doc) == [
         "LoRAExperiment/arith: spec.reward.terms[1]: set exactly one of builtin, python, http (got none)"
     ]
 
 
-@pytest.mark.parametrize(("text", "value"), [("1Gi", 2**30), ("1500M", 1_500_000_000), (1024, 1024), ("0.5Ki", 512)])
+@pytest.mark.parametrize(
+    ("text", "value"), [("1Gi", 2**30), ("1500M", 1_500_000_000), (1024, 1024), ("0.5Ki", 512)]
+)
 def test_parse_quantity(text: str | int, value: int) -> None:
     assert parse_quantity(text) == value
