@@ -16,29 +16,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-try:
-    import loraplex_trainer  # noqa: F401
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 
 import torch
+from quickstart_adapters import add_quickstart_adapters
 
 from loraplex_trainer.adapters import MultiLoRAModel
 from loraplex_trainer.model_host import load_base_model
-from loraplex_trainer.multilora import AdapterConfig
-
-# The quickstart's four adapters: (rank, target modules).
-ADAPTERS: list[tuple[int, tuple[str, ...] | str]] = [
-    (8, ("q_proj", "v_proj", "o_proj")),
-    (4, ("q_proj", "v_proj")),
-    (16, "all-linear"),
-    (8, ("q_proj", "k_proj", "v_proj", "o_proj")),
-]
 
 
 def train_pass(model: MultiLoRAModel, ids: torch.Tensor, rows: list[str | None], keep: int) -> None:
@@ -98,13 +83,7 @@ def main() -> None:
 
     base = load_base_model(args.model)
     model = MultiLoRAModel(base.model)
-    names = []
-    for index in range(args.adapters):
-        rank, targets = ADAPTERS[index % len(ADAPTERS)]
-        names.append(f"adapter{index}")
-        model.add_adapter(
-            names[-1], AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=targets), seed=index
-        )
+    names = add_quickstart_adapters(model, args.adapters)
     model.train()
     n = args.adapters * args.rows
     mixed: list[str | None] = [name for name in names for _ in range(args.rows)]

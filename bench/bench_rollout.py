@@ -16,31 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-try:
-    import loraplex_trainer  # noqa: F401
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 
 import torch
+from quickstart_adapters import add_quickstart_adapters
 
 from loraplex_trainer.adapters import MultiLoRAModel
 from loraplex_trainer.model_host import BaseModel, load_base_model
-from loraplex_trainer.multilora import AdapterConfig
 from loraplex_trainer.rollout import GenerationRequest
 from loraplex_trainer.rollout.torch_engine import TorchRolloutEngine
 
-# The quickstart's four adapters: (rank, target modules).
-ADAPTERS: list[tuple[int, tuple[str, ...] | str]] = [
-    (8, ("q_proj", "v_proj", "o_proj")),
-    (4, ("q_proj", "v_proj")),
-    (16, "all-linear"),
-    (8, ("q_proj", "k_proj", "v_proj", "o_proj")),
-]
 QUESTIONS = [
     "What is 7 + 5? Answer with just the number.",
     "How many times does the letter r appear in 'strawberry'?",
@@ -56,18 +42,12 @@ QUESTIONS = [
 def build_model(base: BaseModel, adapters: int) -> tuple[MultiLoRAModel, list[str]]:
     """Wrap the base with the quickstart's adapters; random B so that every adapter changes the output."""
     model = MultiLoRAModel(base.model)
+    names = add_quickstart_adapters(model, adapters)
     generator = torch.Generator().manual_seed(0)
-    names = []
-    for index in range(adapters):
-        rank, targets = ADAPTERS[index % len(ADAPTERS)]
-        name = f"adapter{index}"
-        model.add_adapter(
-            name, AdapterConfig(rank=rank, alpha=2.0 * rank, target_modules=targets), seed=index
-        )
-        with torch.no_grad():
+    with torch.no_grad():
+        for name in names:
             for parameter in model.adapter_parameters(name)[1::2]:  # A, B, A, B, ...: the Bs
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
-        names.append(name)
     return model, names
 
 
