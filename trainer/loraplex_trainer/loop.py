@@ -30,6 +30,7 @@ from .experiment import Experiment, State, request_seed
 from .grpo import group_advantages, per_token_loss, row_weights, token_logprobs
 from .model_host import BaseModel
 from .optim import AdapterOptimizer, NonFiniteError
+from .prefill import prefill_prompts
 from .rewards import RewardError, Sample
 from .rollout.base import Completion, GenerationRequest, RolloutEngine
 from .rollout.torch_engine import TorchRolloutEngine
@@ -545,39 +546,13 @@ def completion_logits(
     and only the completions run per row. Row i uses adapter ``adapters[i]`` (None: the base).
     """
     device = model.model.device
-    prompts: list[tuple[str | None, list[int]]] = []
-    source: list[int] = []  # row -> its prompt's position in prompts
-    seen: dict[tuple[str | None, tuple[int, ...]], int] = {}
-    for row, adapter in zip(rows, adapters, strict=True):
-        key = (adapter, tuple(row.prompt_ids))
-        if key not in seen:
-            seen[key] = len(prompts)
-            prompts.append((adapter, row.prompt_ids))
-        source.append(seen[key])
-    index = torch.tensor(source, device=device)
-
-    # The prompts, left-padded so that each ends in the last column.
-    width = max(len(ids) for _, ids in prompts)
-    prompt_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for _, ids in prompts], device=device)
-    prompt_mask = torch.tensor(
-        [[0] * (width - len(ids)) + [1] * len(ids) for _, ids in prompts], device=device
-    )
-    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.model.config)
-    with model.use_adapters([adapter for adapter, _ in prompts]):
-        last = model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=prompt_positions,
-            past_key_values=cache,
-            use_cache=True,
-            # An index tensor gives the head a contiguous copy (one matrix product, not a batched one).
-            logits_to_keep=torch.tensor([width - 1], device=device),
-        ).logits[index]  # [B, 1, V] predicts completion token 0
+    prompts = [(adapter, row.prompt_ids) for row, adapter in zip(rows, adapters, strict=True)]
+    done = prefill_prompts(model, prompts, cache, pad_id)
+    last = done.logits[:, None]  # [B, 1, V] predicts completion token 0
     c = max(len(r.completion.token_ids) for r in rows)
     if c == 1:
         return last
-    cache.batch_select_indices(index)  # the prompt's keys and values, one copy per row
 
     # The completions, right-padded: a row's padding comes after its tokens, so they never see it.
     lengths = torch.tensor([len(r.completion.token_ids) for r in rows], device=device)
@@ -588,8 +563,8 @@ def completion_logits(
     with model.use_adapters(adapters):
         rest = model(
             input_ids=completion_ids,
-            attention_mask=torch.cat([prompt_mask[index], completion_mask], dim=1),
-            position_ids=prompt_positions[index, -1:] + 1 + torch.arange(c, device=device)[None, :],
+            attention_mask=torch.cat([done.attention_mask, completion_mask], dim=1),
+            position_ids=done.position_ids[:, -1:] + 1 + torch.arange(c, device=device)[None, :],
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=torch.arange(c - 1, device=device),  # token c-1 predicts nothing we train on

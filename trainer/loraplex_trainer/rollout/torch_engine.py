@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from loraplex_trainer.adapters import MultiLoRAModel
+from loraplex_trainer.prefill import prefill_prompts
 from loraplex_trainer.rollout.base import Completion, FinishReason, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -202,50 +203,15 @@ class TorchRolloutEngine:
     def _prefill(
         self, requests: Sequence[GenerationRequest], cache: DynamicCache
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run each distinct (adapter, prompt) once and copy its cache to every row that shares it.
-
-        The rows of a GRPO group differ only in their seeds, so this divides a step's prompt work
-        by groupSize; a copied cache holds exactly what the row's own prefill would. Returns the last-position logits [n, V] (float32), the attention mask and the
-        position ids of all n rows.
-        """
-        device = self.model.model.device
-        unique: list[GenerationRequest] = []  # the rows that are prefilled
-        source: list[int] = []  # row -> the position of its prefix in unique
-        seen: dict[tuple[str | None, tuple[int, ...]], int] = {}
-        for request in requests:
-            key = (request.adapter, tuple(request.prompt_ids))
-            if key not in seen or not self.share_prefill:
-                seen[key] = len(unique)
-                unique.append(request)
-            source.append(seen[key])
-        m = len(unique)
-        width = max(len(r.prompt_ids) for r in unique)
-        input_ids = torch.full((m, width), self.pad_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros((m, width), dtype=torch.long, device=device)
-        for row, request in enumerate(unique):
-            prompt = request.prompt_ids
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
-            attention_mask[row, width - len(prompt) :] = 1
-        # Positions count real tokens only, so a left-padded row sees the positions it would alone.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with self.model.use_adapters([r.adapter for r in unique]):
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                # An index tensor rather than logits_to_keep=1: the head then sees a contiguous
-                # [m, 1, hidden] copy and runs as one matrix product, where the strided slice of
-                # an int makes torch.matmul fall back to a batched product, ~9x slower on CPU.
-                logits_to_keep=torch.tensor([width - 1], device=device),
-            )
-        logits = out.logits[:, -1].float()  # [m, V]
-        if m < len(requests):
-            index = torch.tensor(source, device=device)
-            cache.batch_select_indices(index)
-            logits, attention_mask, position_ids = logits[index], attention_mask[index], position_ids[index]
-        return logits, attention_mask, position_ids
+        """Prefill each distinct (adapter, prompt) once; last-position logits [n, V] (float32), mask, positions."""
+        done = prefill_prompts(
+            self.model,
+            [(r.adapter, r.prompt_ids) for r in requests],
+            cache,
+            self.pad_id,
+            share=self.share_prefill,
+        )
+        return done.logits.float(), done.attention_mask, done.position_ids
 
 
 def stop_token_ids(model: MultiLoRAModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
