@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from loraplex_api.experiment import DatasetSpec, DataSource
 
+from .sources import config_map_text, resolve_file
 from .tasks import generate
 
 DEFAULT_EVAL_ROWS = 64
@@ -109,9 +110,7 @@ def _load_source(
         located = ((f"{where}.inline[{i}]", row) for i, row in enumerate(source.inline))
         hint, name = "", f"{where}.inline"
     elif source.file is not None:
-        path = Path(source.file) if Path(source.file).is_absolute() else base_dir / source.file
-        if not path.is_file():
-            raise DatasetError(f"{where}.file: {source.file}: no such file (looked for {path})")
+        path = resolve_file(source.file, base_dir, where=where, error=DatasetError)
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
@@ -123,16 +122,10 @@ def _load_source(
         hint = ""
     else:
         assert source.config_map is not None  # the model guarantees exactly one source
-        ref = (source.config_map.name, source.config_map.key)
-        if config_maps is None:
-            raise DatasetError(
-                f"{where}.configMap: {ref[0]}/{ref[1]} cannot be read here (standalone mode has no "
-                f"ConfigMaps); use {where}.file instead"
-            )
-        if ref not in config_maps:
-            raise DatasetError(f"{where}.configMap: ConfigMap {ref[0]} has no key {ref[1]!r}")
-        name = f"{where}.configMap {ref[0]}/{ref[1]}"
-        located = _jsonl(config_maps[ref], name)
+        ref = source.config_map
+        text = config_map_text(ref, config_maps, where=where, error=DatasetError)
+        name = f"{where}.configMap {ref.name}/{ref.key}"
+        located = _jsonl(text, name)
         hint = ""
     rows = [_checked(row, spec, location, hint) for location, row in located]
     if not rows:

@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from loraplex_api.experiment import PythonReward as PythonRewardSpec
 
+from ..sources import config_map_text, resolve_file
 from .base import RewardError, Sample, check_rewards, user_row
 
 logger = logging.getLogger(__name__)
@@ -248,11 +249,8 @@ def build_python(
 ) -> PythonFunctionReward:
     """Resolve the function's source (a file under ``base_dir`` or ConfigMap text) and start its worker."""
     if spec.file is not None:
-        path = Path(spec.file) if Path(spec.file).is_absolute() else base_dir / spec.file
-        if not path.is_file():
-            raise RewardError(f"{where}.file: {spec.file}: no such file (looked for {path})")
         return PythonFunctionReward(
-            path,
+            resolve_file(spec.file, base_dir, where=where, error=RewardError),
             spec.function,
             timeout_seconds=spec.timeout_seconds,
             where=where,
@@ -260,24 +258,18 @@ def build_python(
             answer_field=answer_field,
         )
     assert spec.config_map is not None  # the model guarantees exactly one source
-    ref = (spec.config_map.name, spec.config_map.key)
-    if config_maps is None:
-        raise RewardError(
-            f"{where}.configMap: {ref[0]}/{ref[1]} cannot be read here (standalone mode has no "
-            f"ConfigMaps); use {where}.file instead"
-        )
-    if ref not in config_maps:
-        raise RewardError(f"{where}.configMap: ConfigMap {ref[0]} has no key {ref[1]!r}")
+    ref = spec.config_map
+    text = config_map_text(ref, config_maps, where=where, error=RewardError)
     temp_dir = Path(tempfile.mkdtemp(prefix="loraplex-reward-"))
     # The key is the file name (ConfigMap keys are safe file names); a .py suffix makes tracebacks read well.
-    path = temp_dir / (ref[1] if ref[1].endswith(".py") else f"{ref[1]}.py")
-    path.write_text(config_maps[ref], encoding="utf-8")
+    path = temp_dir / (ref.key if ref.key.endswith(".py") else f"{ref.key}.py")
+    path.write_text(text, encoding="utf-8")
     return PythonFunctionReward(
         path,
         spec.function,
         timeout_seconds=spec.timeout_seconds,
         where=where,
-        display=f"configMap {ref[0]}/{ref[1]}",
+        display=f"configMap {ref.name}/{ref.key}",
         answer_field=answer_field,
         temp_dir=temp_dir,
     )
