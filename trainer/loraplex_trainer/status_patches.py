@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex_api import AdapterRevision, TrainingStatus
+from loraplex_api.experiment import MetricValue
 from loraplex_api.pool import StorageSpec
 
 from .experiment import Experiment, State
@@ -36,7 +37,7 @@ def training_status(exp: Experiment, *, now: str) -> dict[str, Any]:
         progress_percentage=100 if done else min(100, (100 * exp.step) // max(total, 1)),
         estimated_remaining_seconds=0 if done else estimated_remaining_seconds(exp),
         last_heartbeat_time=now,
-        metrics=metric_values(exp),
+        metrics=[MetricValue.model_validate(m) for m in metric_values(exp)],
         message=_cut(exp.message),
     )
     return status.model_dump(by_alias=True, mode="json")

@@ -1,0 +1,124 @@
+"""The `loraplex` command: it parses arguments and hands each subcommand to the package that does it.
+
+This package sits above the three others and nothing imports it: `crds` and `validate` run in
+loraplex_api, `operator` in loraplex_operator, `train` and `agent` in loraplex_trainer. Each is
+imported only when its subcommand runs, so the operator image works without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loraplex_api.wire import (
+    HEALTH_PORT,
+    METRICS_PORT,
+    POD_NAME_ENV,
+    POD_NAMESPACE_ENV,
+    POOL_ENV,
+    STORAGE_MOUNT,
+)
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from loraplex_api.crdgen import write_crds
+
+    for path in write_crds(Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from loraplex_api import ManifestError, load_manifests
+
+    try:
+        manifests = load_manifests(args.files)
+    except ManifestError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    for m in manifests:
+        print(f"{m.resource.kind}/{m.resource.metadata.name}: valid")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from loraplex_trainer.standalone import train
+
+    return train(args)
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from loraplex_operator.main import run
+
+    return run(args)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from loraplex_trainer.agent import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="loraplex", description=(__doc__ or "").split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crds = sub.add_parser("crds", help="write the CustomResourceDefinitions generated from loraplex_api")
+    crds.add_argument("--output", "-o", default="crds", help="folder to write into (default: crds)")
+    crds.set_defaults(func=_crds)
+
+    validate = sub.add_parser("validate", help="validate SharedBasePool/LoRAExperiment manifests")
+    validate.add_argument("files", nargs="+", help="YAML files or folders (one or many documents each)")
+    validate.set_defaults(func=_validate)
+
+    train = sub.add_parser("train", help="run a pool and its experiments locally, without Kubernetes")
+    train.add_argument("files", nargs="+", help="YAML files: one SharedBasePool and its LoRAExperiments")
+    train.add_argument("--output", "-o", required=True, help="run folder; running again with it resumes")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    train.add_argument("--no-live", action="store_true", help="plain log lines instead of the live display")
+    train.add_argument(
+        "--max-steps", type=int, default=None, help="cap every experiment's maxSteps (smoke runs)"
+    )
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: one per core; use 1 on a machine busy with other work)",
+    )
+    train.set_defaults(func=_train)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    op.add_argument(
+        "--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)"
+    )
+    op.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
+    op.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0 = off)")
+    op.add_argument("--peering", default=None, help="kopf peering name for high availability")
+    op.add_argument("--standalone", action="store_true", help="no peering (one replica, Recreate strategy)")
+    op.add_argument("--verbose", "-v", action="store_true")
+    op.set_defaults(func=_operator)
+
+    agent = sub.add_parser("agent", help="run a trainer replica inside a SharedBasePool's pod")
+    agent.add_argument("--pool", default=None, help=f"pool name (default: ${POOL_ENV})")
+    agent.add_argument("--namespace", default=None, help=f"namespace (default: ${POD_NAMESPACE_ENV})")
+    agent.add_argument("--replica", default=None, help=f"this replica's name (default: ${POD_NAME_ENV})")
+    agent.add_argument("--storage", default=STORAGE_MOUNT, help="shared storage mount")
+    agent.add_argument("--health-port", type=int, default=HEALTH_PORT)
+    agent.add_argument("--metrics-port", type=int, default=METRICS_PORT)
+    agent.set_defaults(func=_agent)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments and run the chosen subcommand."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

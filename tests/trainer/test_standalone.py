@@ -1,0 +1,143 @@
+"""`loraplex train` end to end on the tiny model: outputs, summary, resume, and clear setup errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from loraplex_cli.main import main
+
+
+def manifests(tmp_path: Path, model_dir: Path, *, steps: int = 3) -> Path:
+    pool = {
+        "apiVersion": "loraplex.dev/v1alpha1",
+        "kind": "SharedBasePool",
+        "metadata": {"name": "tiny"},
+        "spec": {"model": {"name": "tiny", "uri": f"file://{model_dir}"}},
+    }
+
+    def experiment(name: str, reward: dict, rank: int) -> dict:
+        return {
+            "apiVersion": "loraplex.dev/v1alpha1",
+            "kind": "LoRAExperiment",
+            "metadata": {"name": name},
+            "spec": {
+                "poolRef": {"name": "tiny"},
+                "lora": {"rank": rank, "alpha": 2 * rank},
+                "dataset": {"file": "rows.jsonl", "evalFraction": 0.25},
+                "reward": reward,
+                "algorithm": {"groupSize": 2, "promptsPerStep": 2, "maxSteps": steps, "maxNewTokens": 5},
+                "optimizer": {"learningRate": 0.01},
+                "checkpoint": {"everySteps": 2, "keepLast": 1},
+            },
+        }
+
+    (tmp_path / "rows.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(8))
+    )
+    file = tmp_path / "run.yaml"
+    file.write_text(
+        yaml.safe_dump_all(
+            [
+                pool,
+                experiment("short", {"builtin": {"name": "length", "args": {"target": 2}}}, 2),
+                experiment("digits", {"builtin": {"name": "regex_match", "args": {"pattern": "[0-9]"}}}, 4),
+            ]
+        )
+    )
+    return file
+
+
+def test_train_writes_every_output_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    file = manifests(tmp_path, tiny_model_dir)
+    out = tmp_path / "out"
+    assert main(["train", str(file), "--output", str(out), "--no-live"]) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["totals"]["completed"] == 2 and summary["totals"]["failed"] == 0
+    assert summary["totals"]["shared_steps"] == 3
+    for name in ("short", "digits"):
+        exp = summary["experiments"][name]
+        assert exp["state"] == "Completed" and exp["steps"] == 3
+        assert {"first_reward", "last_reward", "eval_reward", "wall_seconds"} <= exp.keys()
+        lines = (out / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+        assert (out / name / "reward.png").read_bytes()[:4] == b"\x89PNG"
+        assert sorted(p.name for p in (out / name / "checkpoints").iterdir()) == ["step-00000003"]
+        # The final adapter loads unchanged with PEFT.
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        peft = PeftModel.from_pretrained(base, out / name / "adapter")
+        assert peft.peft_config["default"].r == {"short": 2, "digits": 4}[name]
+
+    # Same --output again: everything is resumed from its final checkpoint, no step is repeated.
+    assert main(["train", str(file), "--output", str(out), "--no-live"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["totals"]["shared_steps"] == 0
+    assert again["experiments"]["short"]["last_reward"] == summary["experiments"]["short"]["last_reward"]
+
+
+def test_train_resumes_an_unfinished_run_with_more_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "train",
+                str(manifests(tmp_path, tiny_model_dir, steps=2)),
+                "--output",
+                str(out),
+                "--no-live",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["train", str(manifests(tmp_path, tiny_model_dir, steps=4)), "--output", str(out), "--no-live"])
+        == 0
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["totals"]["shared_steps"] == 2  # steps 3 and 4 only
+    steps = [json.loads(x)["step"] for x in (out / "short" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_train_rejects_bad_manifests_before_loading_anything(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = manifests(tmp_path, tiny_model_dir)
+    docs = list(yaml.safe_load_all(file.read_text()))
+    docs[1]["spec"]["poolRef"]["name"] = "other"
+    docs[2]["spec"]["lora"]["rank"] = 0
+    file.write_text(yaml.safe_dump_all(docs))
+    assert main(["train", str(file), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "LoRAExperiment/digits: spec.lora.rank: Input should be greater than or equal to 1" in err
+    assert not (tmp_path / "out").exists()
+
+    docs[2]["spec"]["lora"]["rank"] = 4
+    file.write_text(yaml.safe_dump_all(docs))
+    assert main(["train", str(file), "--output", str(tmp_path / "out")]) == 1
+    assert (
+        "LoRAExperiment/short: spec.poolRef.name: 'other' is not the pool in these files ('tiny')"
+        in capsys.readouterr().err
+    )
+
+
+def test_a_failing_experiment_makes_the_run_exit_nonzero_but_others_finish(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    file = manifests(tmp_path, tiny_model_dir, steps=2)
+    docs = list(yaml.safe_load_all(file.read_text()))
+    docs[2]["spec"]["dataset"] = {"file": "missing.jsonl"}
+    file.write_text(yaml.safe_dump_all(docs))
+    assert main(["train", str(file), "--output", str(tmp_path / "out"), "--no-live"]) == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["experiments"]["short"]["state"] == "Completed"
+    assert summary["experiments"]["digits"]["state"] == "Failed"
+    assert "missing.jsonl" in summary["experiments"]["digits"]["message"]
