@@ -39,8 +39,8 @@ test-slow: $(VENV)/.dev
 	$(PY) -m pytest -m slow
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check api operator trainer tests bench scripts
-	$(VENV)/bin/mypy api/loraplex_api operator/loraplex_operator trainer/loraplex_trainer
+	$(VENV)/bin/ruff check api cli operator trainer tests bench scripts
+	$(VENV)/bin/mypy api/loraplex_api cli/loraplex_cli operator/loraplex_operator trainer/loraplex_trainer
 
 lint-chart: tools
 	.tools/bin/helm lint --strict charts/loraplex

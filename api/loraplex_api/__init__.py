@@ -1,5 +1,6 @@
 """The loraplex custom resources as pydantic models: the one definition of spec and status."""
 
+from . import wire
 from .common import API_VERSION, GROUP, VERSION, Condition, ObjectMeta, now_rfc3339, parse_quantity
 from .experiment import (
     AdapterRevision,
@@ -46,4 +47,5 @@ __all__ = [
     "now_rfc3339",
     "parse_document",
     "parse_quantity",
+    "wire",
 ]

@@ -10,9 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
-GROUP = "loraplex.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+from .wire import API_VERSION, GROUP, VERSION
 
 # Bounds that keep every list and string in the CRD schema finite (apiserver cost budget for CEL,
 # and no unbounded objects in etcd).
@@ -153,6 +151,11 @@ def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def fixed(value: str) -> Any:
+    """A field that must hold exactly ``value`` (apiVersion, kind), which it defaults to."""
+    return Field(default=value, pattern=f"^{re.escape(value)}$")
+
+
 class ConfigMapKeyRef(CamelModel):
     """A key of a ConfigMap in the experiment's namespace."""
 
@@ -197,6 +200,7 @@ __all__ = [
     "LabelValue",
     "VERSION",
     "exactly_one",
+    "fixed",
     "now_rfc3339",
     "one_of_rule",
     "parse_quantity",

@@ -8,9 +8,20 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .common import GROUP, VERSION
 from .experiment import LoRAExperimentSpec, LoRAExperimentStatus
 from .pool import SharedBasePoolSpec, SharedBasePoolStatus
+from .wire import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_PLURAL,
+    EXPERIMENT_SHORT_NAMES,
+    EXPERIMENT_SINGULAR,
+    GROUP,
+    POOL_KIND,
+    POOL_PLURAL,
+    POOL_SHORT_NAMES,
+    POOL_SINGULAR,
+    VERSION,
+)
 
 # Keys of JSON Schema 2020 that OpenAPI v3 structural schemas either lack or spell differently.
 _DROP = {"title", "additionalProperties", "$defs"}
@@ -85,7 +96,8 @@ def _drop_defaults(node: Any) -> Any:
 def _crd(
     kind: str,
     plural: str,
-    short: str,
+    singular: str,
+    short_names: tuple[str, ...],
     spec: type[BaseModel],
     status: type[BaseModel],
     columns: list[dict[str, Any]],
@@ -116,8 +128,8 @@ def _crd(
                 "kind": kind,
                 "listKind": f"{kind}List",
                 "plural": plural,
-                "singular": kind.lower(),
-                "shortNames": [short],
+                "singular": singular,
+                "shortNames": list(short_names),
                 "categories": ["loraplex"],
             },
             "versions": [
@@ -147,9 +159,10 @@ AGE = _col("Age", ".metadata.creationTimestamp", "date")
 def pool_crd() -> dict[str, Any]:
     """The SharedBasePool CRD."""
     return _crd(
-        "SharedBasePool",
-        "sharedbasepools",
-        "sbp",
+        POOL_KIND,
+        POOL_PLURAL,
+        POOL_SINGULAR,
+        POOL_SHORT_NAMES,
         SharedBasePoolSpec,
         SharedBasePoolStatus,
         [
@@ -173,9 +186,10 @@ def pool_crd() -> dict[str, Any]:
 def experiment_crd() -> dict[str, Any]:
     """The LoRAExperiment CRD."""
     return _crd(
-        "LoRAExperiment",
-        "loraexperiments",
-        "lexp",
+        EXPERIMENT_KIND,
+        EXPERIMENT_PLURAL,
+        EXPERIMENT_SINGULAR,
+        EXPERIMENT_SHORT_NAMES,
         LoRAExperimentSpec,
         LoRAExperimentStatus,
         [
@@ -196,7 +210,7 @@ def experiment_crd() -> dict[str, Any]:
 
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name -> CRD, as written to crds/."""
-    return {"sharedbasepools.yaml": pool_crd(), "loraexperiments.yaml": experiment_crd()}
+    return {f"{POOL_PLURAL}.yaml": pool_crd(), f"{EXPERIMENT_PLURAL}.yaml": experiment_crd()}
 
 
 def render(crd: dict[str, Any]) -> str:

@@ -24,8 +24,10 @@ from .common import (
     camel_config,
     cel_rules,
     exactly_one,
+    fixed,
     one_of_rule,
 )
+from .wire import API_VERSION, EXPERIMENT_KIND
 
 BUILTIN_DATASETS = ("arithmetic", "sort_numbers", "count_letters")
 BUILTIN_REWARDS = ("exact_match", "numeric_match", "regex_match", "format", "length", "contains_answer")
@@ -381,8 +383,8 @@ class LoRAExperiment(CamelModel):
 
     model_config = camel_config(extra="ignore")
 
-    api_version: Literal["loraplex.dev/v1alpha1"] = "loraplex.dev/v1alpha1"
-    kind: Literal["LoRAExperiment"] = "LoRAExperiment"
+    api_version: str = fixed(API_VERSION)
+    kind: str = fixed(EXPERIMENT_KIND)
     metadata: ObjectMeta
     spec: LoRAExperimentSpec
     status: LoRAExperimentStatus = Field(default_factory=LoRAExperimentStatus)

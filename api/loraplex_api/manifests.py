@@ -11,15 +11,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .common import API_VERSION
 from .experiment import LoRAExperiment
 from .pool import SharedBasePool
+from .wire import API_VERSION, EXPERIMENT_KIND, GROUP, POOL_KIND
 
 Resource = SharedBasePool | LoRAExperiment
 _FIELD = re.compile(r"^[A-Za-z][A-Za-z0-9]*(\.[A-Za-z][A-Za-z0-9]*|\[\d+\])*$")
 KINDS: dict[str, type[SharedBasePool] | type[LoRAExperiment]] = {
-    "SharedBasePool": SharedBasePool,
-    "LoRAExperiment": LoRAExperiment,
+    POOL_KIND: SharedBasePool,
+    EXPERIMENT_KIND: LoRAExperiment,
 }
 
 
@@ -146,7 +146,7 @@ def load_manifests(paths: Sequence[str | Path]) -> list[Manifest]:
             for doc in docs:
                 if doc is None:
                     continue
-                if isinstance(doc, dict) and not str(doc.get("apiVersion", "")).startswith("loraplex.dev/"):
+                if isinstance(doc, dict) and not str(doc.get("apiVersion", "")).startswith(f"{GROUP}/"):
                     continue  # other kinds (ConfigMaps, Namespaces) may sit in the same file
                 try:
                     manifests.append(Manifest(parse_document(doc, str(file)), file.resolve()))

@@ -20,8 +20,10 @@ from .common import (
     Quantity,
     StatusModel,
     camel_config,
+    fixed,
     parse_quantity,
 )
+from .wire import API_VERSION, POOL_KIND
 
 MODEL_URI_PATTERN = r"^(hf://[^/\s]+/[^\s]+|file:///[^\s]*|pvc://[^/\s]+/[^\s]*|builtin://[a-z0-9.-]+)$"
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
@@ -217,8 +219,8 @@ class SharedBasePool(CamelModel):
 
     model_config = camel_config(extra="ignore")
 
-    api_version: Literal["loraplex.dev/v1alpha1"] = "loraplex.dev/v1alpha1"
-    kind: Literal["SharedBasePool"] = "SharedBasePool"
+    api_version: str = fixed(API_VERSION)
+    kind: str = fixed(POOL_KIND)
     metadata: ObjectMeta
     spec: SharedBasePoolSpec
     status: SharedBasePoolStatus = Field(default_factory=SharedBasePoolStatus)

@@ -20,6 +20,8 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
+from loraplex_api.wire import API_VERSION, EXPERIMENT_PLURAL, POOL_PLURAL
+
 from .events import Event
 from .kube import ApiError, object_path, path_of
 from .observed import ExperimentView, PoolView, observe_experiment, observe_pod, observe_pool, snapshot
@@ -31,7 +33,6 @@ from .validation import describe
 
 logger = logging.getLogger(__name__)
 
-API_VERSION = "loraplex.dev/v1alpha1"
 WRITE_CONCURRENCY = 16
 TRANSIENT = (ApiError, aiohttp.ClientError, asyncio.TimeoutError)
 
@@ -145,7 +146,7 @@ class PoolController:
             "message": f"released {released} experiment(s)",
         }
         with contextlib.suppress(*TRANSIENT):
-            path = object_path(API_VERSION, "sharedbasepools", self.namespace, self.name, "status")
+            path = object_path(API_VERSION, POOL_PLURAL, self.namespace, self.name, "status")
             await self.runtime.api.merge_patch(path, {"status": {"conditions": [ready]}})
         self.runtime.metrics.forget_pool(self.namespace, self.name)
         self.runtime.ledger.forget(pool_key(*self.key))
@@ -211,12 +212,12 @@ class PoolController:
         runtime = self.runtime
         api = runtime.api
         if plan.status_patch:
-            path = object_path(API_VERSION, "sharedbasepools", self.namespace, self.name, "status")
+            path = object_path(API_VERSION, POOL_PLURAL, self.namespace, self.name, "status")
             if await api.merge_patch(path, {"status": plan.status_patch}) is not None:
                 runtime.ledger.record(pool_key(*self.key), {"status": plan.status_patch})
         if plan.scale is not None:
             # Through /scale, as an HPA would: only spec.replicas can change this way.
-            path = object_path(API_VERSION, "sharedbasepools", self.namespace, self.name, "scale")
+            path = object_path(API_VERSION, POOL_PLURAL, self.namespace, self.name, "scale")
             await api.merge_patch(path, {"spec": {"replicas": plan.scale.replicas}})
             logger.info(
                 "pool scaled namespace=%s pool=%s replicas=%d reason=%s",
@@ -254,13 +255,13 @@ async def write_experiment(runtime: Runtime, plan: ExperimentPlan) -> None:
     key = experiment_key(exp.namespace, exp.name)
     try:
         if plan.status_patch:
-            path = object_path(API_VERSION, "loraexperiments", exp.namespace, exp.name, "status")
+            path = object_path(API_VERSION, EXPERIMENT_PLURAL, exp.namespace, exp.name, "status")
             if await runtime.api.merge_patch(path, {"status": plan.status_patch}) is None:
                 runtime.ledger.forget(key)
                 return
             runtime.ledger.record(key, {"status": plan.status_patch})
         if plan.metadata_patch:
-            path = object_path(API_VERSION, "loraexperiments", exp.namespace, exp.name)
+            path = object_path(API_VERSION, EXPERIMENT_PLURAL, exp.namespace, exp.name)
             if await runtime.api.merge_patch(path, {"metadata": plan.metadata_patch}) is None:
                 runtime.ledger.forget(key)
                 return

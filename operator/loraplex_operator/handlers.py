@@ -16,15 +16,16 @@ from typing import Any
 
 import kopf
 
+from loraplex_api.wire import EXPERIMENT_PLURAL, GROUP, POOL_LABEL, POOL_PLURAL, VERSION
+
 from .controller import PoolController, experiment_key, reconcile_orphan
 from .observed import snapshot
-from .render import POOL_LABEL
 from .runtime import PoolKey, Runtime
 
 logger = logging.getLogger(__name__)
 
-POOLS = ("loraplex.dev", "v1alpha1", "sharedbasepools")
-EXPERIMENTS = ("loraplex.dev", "v1alpha1", "loraexperiments")
+POOLS = (GROUP, VERSION, POOL_PLURAL)
+EXPERIMENTS = (GROUP, VERSION, EXPERIMENT_PLURAL)
 TRAINER_PODS = {POOL_LABEL: kopf.PRESENT}
 
 

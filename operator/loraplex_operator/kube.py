@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import kopf
 
+from loraplex_api.wire import EXPERIMENT_KIND, EXPERIMENT_PLURAL, POOL_KIND, POOL_PLURAL
+
 logger = logging.getLogger(__name__)
 
 FIELD_MANAGER = "loraplex-operator"
@@ -53,8 +55,8 @@ PLURALS = {
     "StatefulSet": "statefulsets",
     "Service": "services",
     "ConfigMap": "configmaps",
-    "SharedBasePool": "sharedbasepools",
-    "LoRAExperiment": "loraexperiments",
+    POOL_KIND: POOL_PLURAL,
+    EXPERIMENT_KIND: EXPERIMENT_PLURAL,
 }
 
 

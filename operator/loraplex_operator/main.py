@@ -20,15 +20,16 @@ from collections.abc import Sequence
 import kopf
 from prometheus_client import REGISTRY, start_http_server
 
+from loraplex_api.wire import GROUP, POOL_LABEL
+
 from . import handlers  # noqa: F401  (registers the handlers with kopf's default registry)
 from .kube import KubeClient
 from .metrics import OperatorMetrics
-from .render import POOL_LABEL
 from .runtime import OperatorConfig, Runtime
 
 logger = logging.getLogger(__name__)
 
-ANNOTATION_PREFIX = "loraplex.dev"
+ANNOTATION_PREFIX = GROUP
 FINALIZER = f"{ANNOTATION_PREFIX}/finalizer"
 
 
@@ -98,7 +99,7 @@ async def operate(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``loraplex operator`` (arguments from loraplex_api.cli)."""
+    """Entry point of ``loraplex operator`` (arguments from loraplex_cli.main)."""
     namespaces: list[str] = list(args.namespace or [])
     if namespaces and args.all_namespaces:
         logger.error("--namespace and --all-namespaces exclude each other")

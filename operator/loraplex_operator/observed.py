@@ -20,10 +20,10 @@ from pydantic import ValidationError
 from loraplex_api import API_VERSION, AdapterRevision, ManifestError, Problem, parse_document
 from loraplex_api.experiment import LoRAExperiment, LoRAExperimentSpec, LoRAExperimentStatus
 from loraplex_api.pool import SharedBasePool, SharedBasePoolStatus
+from loraplex_api.wire import EXPERIMENT_KIND, HISTORY_ANNOTATION, POD_NAME_LABEL, POOL_LABEL
 
 from .clock import from_rfc3339
-from .promotion import HISTORY_ANNOTATION, parse_history
-from .render import POD_NAME_LABEL, POOL_LABEL
+from .promotion import parse_history
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def observe_experiment(body: Mapping[str, Any]) -> ExperimentView:
     pool_ref = _mapping(raw_spec.get("poolRef"))
     spec: LoRAExperimentSpec | None = None
     problems: tuple[Problem, ...] = ()
-    document = {"apiVersion": API_VERSION, "kind": "LoRAExperiment", "metadata": meta, "spec": raw_spec}
+    document = {"apiVersion": API_VERSION, "kind": EXPERIMENT_KIND, "metadata": meta, "spec": raw_spec}
     try:
         parsed = parse_document(document)
         assert isinstance(parsed, LoRAExperiment)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from loraplex_api import Condition
 from loraplex_api.experiment import PromotionSpec
+from loraplex_api.wire import HISTORY_ANNOTATION, POOL_LABEL, REPLICA_LABEL
 
 from . import scheduler
 from .clock import from_rfc3339
@@ -39,8 +40,7 @@ from .observed import ExperimentView, PodView, PoolView
 from .patches import minimal_patch
 from .placement import demand, model_facts, pool_state
 from .poolstatus import Provisioning, ReplicaHealth, pool_status, replica_health
-from .promotion import HISTORY_ANNOTATION, PromotionOutcome, decide, dump_history
-from .render import POOL_LABEL, REPLICA_LABEL
+from .promotion import PromotionOutcome, decide, dump_history
 from .validation import describe
 
 

@@ -36,7 +36,6 @@ from loraplex_api.experiment import AdapterStatus, PromotionSpec
 from .conditions import PROMOTED, Want
 from .events import Event
 
-HISTORY_ANNOTATION = "loraplex.dev/adapter-revisions"
 HISTORY_LIMIT = 16
 """Revisions remembered per experiment (the promoted and previous ones always among them)."""
 

@@ -10,12 +10,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from loraplex_api import API_VERSION, SharedBasePool
+from loraplex_api import SharedBasePool
+from loraplex_api.wire import (
+    API_VERSION,
+    CACHE_ENV,
+    HEALTH_PORT,
+    METRICS_PORT,
+    MODEL_URI_ENV,
+    POD_NAME_ENV,
+    POD_NAMESPACE_ENV,
+    POOL_ENV,
+    POOL_KIND,
+    POOL_LABEL,
+    STORAGE_MOUNT,
+    promoted_configmap_name,
+)
 
 TRAINER_CONTAINER = "trainer"
-HEALTH_PORT = 8081
-METRICS_PORT = 9400
-STORAGE_MOUNT = "/var/lib/loraplex"
 MODEL_MOUNT = "/models"
 HF_CACHE_MOUNT = "/var/cache/huggingface"
 CACHE_MOUNT = "/var/cache/loraplex"
@@ -23,11 +34,8 @@ RUN_AS = 1000
 MAX_POOL_NAME = 52
 """The StatefulSet controller labels pods with ``<name>-<10-char hash>``, and a label value has 63 characters."""
 
-POOL_LABEL = "loraplex.dev/pool"
-REPLICA_LABEL = "loraplex.dev/replica"
-POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 TRAINER_NAME = "loraplex-trainer"
-RESERVED_ENV = frozenset({"POD_NAME", "POD_NAMESPACE", "LORAPLEX_POOL"})
+RESERVED_ENV = frozenset({POD_NAME_ENV, POD_NAMESPACE_ENV, POOL_ENV})
 
 
 class RenderError(ValueError):
@@ -47,11 +55,6 @@ def headless_service_name(pool: str) -> str:
 def metrics_service_name(pool: str) -> str:
     """The Service Prometheus (or a ServiceMonitor) scrapes the trainer metrics through."""
     return f"{pool}-metrics"
-
-
-def promoted_configmap_name(pool: str) -> str:
-    """The ConfigMap mapping adapter names to the checkpoint URIs promoted for serving."""
-    return f"{pool}-promoted-adapters"
 
 
 def selector_labels(pool: str) -> dict[str, str]:
@@ -78,7 +81,7 @@ def owner_reference(pool: SharedBasePool) -> dict[str, Any]:
     """The owner reference that lets the garbage collector delete a pool's children with it."""
     return {
         "apiVersion": API_VERSION,
-        "kind": "SharedBasePool",
+        "kind": POOL_KIND,
         "name": pool.metadata.name,
         "uid": pool.metadata.uid,
         "controller": True,
@@ -202,9 +205,9 @@ def _env(pool: SharedBasePool) -> list[dict[str, Any]]:
     """The user's env first, then the identity the agent reads (which a user's entry cannot shadow)."""
     env = [e.wire() for e in pool.spec.trainer.env if e.name not in RESERVED_ENV]
     env += [
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "LORAPLEX_POOL", "value": pool.metadata.name},
+        {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": POD_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": POOL_ENV, "value": pool.metadata.name},
     ]
     return env
 
@@ -227,7 +230,7 @@ def _volumes(pool: SharedBasePool) -> tuple[list[dict[str, Any]], list[dict[str,
     ]
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
-        {"name": "LORAPLEX_CACHE", "value": CACHE_MOUNT},
+        {"name": CACHE_ENV, "value": CACHE_MOUNT},
     ]
 
     if storage.claim_name:
@@ -243,9 +246,7 @@ def _volumes(pool: SharedBasePool) -> tuple[list[dict[str, Any]], list[dict[str,
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": f"{MODEL_MOUNT}/{claim}", "readOnly": True})
         # The trainer loads local folders only; this is where the claim's model folder appears.
-        env.append(
-            {"name": "LORAPLEX_MODEL_URI", "value": f"file://{MODEL_MOUNT}/{claim}/{path}".rstrip("/")}
-        )
+        env.append({"name": MODEL_URI_ENV, "value": f"file://{MODEL_MOUNT}/{claim}/{path}".rstrip("/")})
     elif uri.startswith("hf://"):
         # The trainer never downloads: the Hugging Face cache must already hold the model. With
         # shared storage it lives there (fill it once with `hf download`), else in an emptyDir that

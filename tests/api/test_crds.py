@@ -27,7 +27,7 @@ def openapi(filename: str) -> dict[str, Any]:
 
 def test_checked_in_crds_match_the_command_output(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "loraplex_api.cli", "crds", "--output", str(tmp_path)],
+        [sys.executable, "-m", "loraplex_cli", "crds", "--output", str(tmp_path)],
         check=True,
         cwd=ROOT,
         env={"PYTHONPATH": str(ROOT / "api")},

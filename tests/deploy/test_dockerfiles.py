@@ -112,7 +112,7 @@ def test_operator_extra_has_no_torch_stack() -> None:
     assert not names & set(TORCH_STACK), names
 
 
-@pytest.mark.parametrize("package", ["api/loraplex_api", "operator/loraplex_operator"])
+@pytest.mark.parametrize("package", ["api/loraplex_api", "cli/loraplex_cli", "operator/loraplex_operator"])
 def test_operator_side_modules_do_not_import_the_torch_stack_at_import_time(package: str) -> None:
     for path in sorted((ROOT / package).rglob("*.py")):
         for node in ast.parse(path.read_text()).body:  # module level only: lazy imports are fine
@@ -193,3 +193,14 @@ def test_copied_sources_exist_and_are_not_docker_ignored(dockerfile: str) -> Non
         assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), (
             f"{dockerfile} copies {source}, which .dockerignore excludes"
         )
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.operator", "Dockerfile.trainer"])
+def test_every_package_folder_is_copied(dockerfile: str) -> None:
+    # The `loraplex` command lives in cli/: an image without one of the package folders builds,
+    # then fails at its first import.
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    folders = config["tool"]["setuptools"]["packages"]["find"]["where"]
+    copied = copied_sources(parse_dockerfile(ROOT / dockerfile))
+    assert set(folders) <= set(copied), f"{dockerfile} does not copy {sorted(set(folders) - set(copied))}"

@@ -8,9 +8,8 @@ import kubernetes_validate
 import pytest
 
 from loraplex_api import SharedBasePool
+from loraplex_api.wire import HEALTH_PORT, METRICS_PORT
 from loraplex_operator.render import (
-    HEALTH_PORT,
-    METRICS_PORT,
     RenderError,
     render_children,
     render_headless_service,

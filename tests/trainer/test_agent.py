@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex_api.cli import build_parser
+from loraplex_cli.main import build_parser
 from loraplex_trainer.agent import checkpoint_metric, config_from_args
 from loraplex_trainer.checkpoint import STATE_FILE
 

@@ -35,16 +35,24 @@ from kubernetes.config.config_exception import ConfigException
 from prometheus_client import CollectorRegistry, start_http_server
 
 from loraplex_api import SharedBasePool, now_rfc3339
+from loraplex_api.wire import (
+    HEALTH_PORT,
+    METRICS_PORT,
+    MODEL_URI_ENV,
+    POD_NAME_ENV,
+    POD_NAMESPACE_ENV,
+    POOL_ENV,
+    experiment_folder,
+)
 
 from .assignment import Assignment, config_map_refs, plan, select
 from .checkpoint import STATE_FILE, list_checkpoints
-from .cli import resolve_device, resolve_dtype
 from .cluster import API_ERRORS, ClusterClient, StatusWriter
 from .experiment import Experiment, State
 from .health import HealthServer
 from .loop import Trainer
 from .metrics import TrainerMetrics, accelerator_bytes, resident_bytes, tensor_bytes
-from .model_host import load_base_model
+from .model_host import load_base_model, resolve_device, resolve_dtype
 from .status_patches import (
     candidate_revision,
     experiment_status_patch,
@@ -66,9 +74,9 @@ class AgentConfig:
     namespace: str
     replica: str
     storage: Path
-    health_port: int | None = 8081
+    health_port: int | None = HEALTH_PORT
     """None = no health server; 0 = any free port (tests)."""
-    metrics_port: int | None = 9400
+    metrics_port: int | None = METRICS_PORT
     poll_seconds: float = 3.0
     report_seconds: float = 5.0
     heartbeat_seconds: float = 30.0
@@ -80,16 +88,16 @@ class AgentConfig:
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> AgentConfig:
     """The agent's configuration from its flags, falling back to the env the operator's pod sets."""
-    pool = args.pool or env.get("LORAPLEX_POOL")
+    pool = args.pool or env.get(POOL_ENV)
     if not pool:
-        raise ValueError("the pool is unknown: pass --pool or set $LORAPLEX_POOL")
-    namespace = args.namespace or env.get("POD_NAMESPACE")
+        raise ValueError(f"the pool is unknown: pass --pool or set ${POOL_ENV}")
+    namespace = args.namespace or env.get(POD_NAMESPACE_ENV)
     if not namespace and SERVICE_ACCOUNT_NAMESPACE.is_file():
         namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
     if not namespace:
-        raise ValueError("the namespace is unknown: pass --namespace or set $POD_NAMESPACE")
+        raise ValueError(f"the namespace is unknown: pass --namespace or set ${POD_NAMESPACE_ENV}")
     # A StatefulSet pod's hostname is its name, which is what placements name.
-    replica = args.replica or env.get("POD_NAME") or socket.gethostname()
+    replica = args.replica or env.get(POD_NAME_ENV) or socket.gethostname()
     return AgentConfig(
         pool=pool,
         namespace=namespace,
@@ -97,7 +105,7 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> AgentC
         storage=Path(args.storage),
         health_port=args.health_port or None,
         metrics_port=args.metrics_port or None,
-        model_uri=env.get("LORAPLEX_MODEL_URI") or None,
+        model_uri=env.get(MODEL_URI_ENV) or None,
     )
 
 
@@ -284,7 +292,9 @@ class Agent:
         if hosted.waiting or self.trainer is None:
             self._report(hosted)
             return
-        exp = Experiment(name=name, spec=spec, out_dir=self.config.storage / self.config.namespace / name)
+        exp = Experiment(
+            name=name, spec=spec, out_dir=self.config.storage / experiment_folder(self.config.namespace, name)
+        )
         hosted.experiment = exp
         self._report(hosted, force=True)  # Loading, while data and reward are read
         try:

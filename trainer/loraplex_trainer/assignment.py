@@ -28,9 +28,7 @@ from pydantic import ValidationError
 
 from loraplex_api import AdapterRevision, LoRAExperiment, LoRAExperimentSpec, TrainingStatus
 from loraplex_api.experiment import DataSource, PythonReward
-
-REPLICA_LABEL = "loraplex.dev/replica"
-"""The label the operator sets next to ``status.placement`` (the same constant as the operator's render)."""
+from loraplex_api.wire import REPLICA_LABEL
 
 # The spec fields that change what the adapter learns. A change to any other field (promotion
 # pins, priority, deadlines) must not reload an adapter that is training.

@@ -21,14 +21,11 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from loraplex_api import GROUP, VERSION, now_rfc3339
-
-from .assignment import REPLICA_LABEL
+from loraplex_api import now_rfc3339
+from loraplex_api.wire import EXPERIMENT_PLURAL, GROUP, POOL_PLURAL, REPLICA_LABEL, VERSION
 
 log = logging.getLogger(__name__)
 
-POOLS = "sharedbasepools"
-EXPERIMENTS = "loraexperiments"
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT = 30.0
 """Seconds before an API request is abandoned; the agent retries at its next poll."""
@@ -67,7 +64,7 @@ class ClusterClient:
         """The raw SharedBasePool, or None when there is no such pool."""
         try:
             pool = self._custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, POOLS, name, _request_timeout=REQUEST_TIMEOUT
+                GROUP, VERSION, self.namespace, POOL_PLURAL, name, _request_timeout=REQUEST_TIMEOUT
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -81,7 +78,7 @@ class ClusterClient:
             GROUP,
             VERSION,
             self.namespace,
-            EXPERIMENTS,
+            EXPERIMENT_PLURAL,
             label_selector=f"{REPLICA_LABEL}={replica}",
             _request_timeout=REQUEST_TIMEOUT,
         )
@@ -126,7 +123,7 @@ class ClusterClient:
     def patch_pool_status(self, name: str, body: Mapping[str, Any]) -> None:
         """Merge-patch a pool's status subresource."""
         self._custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.namespace, POOLS, name, dict(body),
+            GROUP, VERSION, self.namespace, POOL_PLURAL, name, dict(body),
             _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
         )  # fmt: skip
 
@@ -134,7 +131,7 @@ class ClusterClient:
         """Merge-patch an experiment's status subresource; False when the experiment is gone."""
         try:
             self._custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, self.namespace, EXPERIMENTS, name, dict(body),
+                GROUP, VERSION, self.namespace, EXPERIMENT_PLURAL, name, dict(body),
                 _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT,
             )  # fmt: skip
         except ApiException as exc:

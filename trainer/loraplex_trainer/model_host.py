@@ -30,6 +30,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from loraplex_api.wire import CACHE_ENV
 from loraplex_trainer.multilora import ALL_LINEAR
 
 logger = logging.getLogger(__name__)
@@ -165,10 +166,24 @@ def measure_facts(model: transformers.PreTrainedModel) -> ModelFacts:
 
 def cache_root() -> Path:
     """Return the folder for loraplex's caches: $LORAPLEX_CACHE, else $XDG_CACHE_HOME/loraplex."""
-    if os.environ.get("LORAPLEX_CACHE"):
-        return Path(os.environ["LORAPLEX_CACHE"])
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "loraplex"
+
+
+def resolve_device(requested: str) -> str:
+    """auto -> cuda when available, else cpu."""
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The pool's dtype; auto = bfloat16 on GPUs, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def load_base_model(

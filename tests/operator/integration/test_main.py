@@ -27,7 +27,7 @@ def test_the_cli_runs_the_operator_with_liveness_and_metrics(cluster: Cluster) -
         "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "operator", "trainer")),
         "LORAPLEX_RESYNC_SECONDS": "1",
     }
-    command = [sys.executable, "-m", "loraplex_api.cli", "operator", "--namespace", "default", "--standalone"]
+    command = [sys.executable, "-m", "loraplex_cli", "operator", "--namespace", "default", "--standalone"]
     command += [f"--liveness=http://127.0.0.1:{health}/healthz", f"--metrics-port={metrics}"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -52,7 +52,7 @@ def scrape(port: int) -> str:
 
 
 def test_conflicting_flags_are_refused() -> None:
-    from loraplex_api.cli import build_parser
+    from loraplex_cli.main import build_parser
     from loraplex_operator.main import run
 
     args = build_parser().parse_args(["operator", "--namespace", "a", "--all-namespaces"])

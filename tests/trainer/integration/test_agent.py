@@ -261,7 +261,7 @@ def test_loraplex_agent_process_stops_on_sigterm(
         "POD_NAMESPACE": NAMESPACE,
         "POD_NAME": REPLICA,
     }
-    command = [sys.executable, "-m", "loraplex_api.cli", "agent", f"--storage={tmp_path}"]
+    command = [sys.executable, "-m", "loraplex_cli", "agent", f"--storage={tmp_path}"]
     process = subprocess.Popen(
         [*command, "--health-port=0", "--metrics-port=0"],
         env=env,
