@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from loraplex_trainer.adapters import MultiLoRAModel
+from loraplex_trainer.packing import pack
 from loraplex_trainer.prefill import prefill_prompts
 from loraplex_trainer.rollout.base import Completion, FinishReason, GenerationRequest
 
@@ -104,7 +105,8 @@ class TorchRolloutEngine:
         self.model.eval()  # no adapter dropout while sampling
         started = time.perf_counter()
         try:
-            for batch in self._sub_batches(todo, requests):
+            sizes = [(len(r.prompt_ids), r.max_new_tokens) for r in requests]
+            for batch in pack(todo, sizes, self.max_batch_tokens):
                 completions = self._generate_batch([requests[i] for i in batch])
                 results.update(zip(batch, completions, strict=True))
         finally:
@@ -125,23 +127,6 @@ class TorchRolloutEngine:
 
     def remove_adapter(self, name: str) -> None:
         """Nothing to do: adapters are removed from the shared model by its owner."""
-
-    def _sub_batches(self, order: list[int], requests: Sequence[GenerationRequest]) -> Iterator[list[int]]:
-        """Split rows so each batch's padded KV cache holds at most max_batch_tokens positions."""
-        limit = self.max_batch_tokens
-        batch: list[int] = []
-        longest_prompt = longest_budget = 0  # every row's cache is as wide as their sum
-        for i in order:
-            prompt = max(longest_prompt, len(requests[i].prompt_ids))
-            budget = max(longest_budget, requests[i].max_new_tokens)
-            if batch and limit is not None and (len(batch) + 1) * (prompt + budget) > limit:
-                yield batch
-                batch = []
-                prompt, budget = len(requests[i].prompt_ids), requests[i].max_new_tokens
-            batch.append(i)
-            longest_prompt, longest_budget = prompt, budget
-        if batch:
-            yield batch
 
     @torch.inference_mode()
     def _generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
