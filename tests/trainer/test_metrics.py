@@ -20,8 +20,11 @@ def test_a_step_counts_steps_rewards_tokens_and_time() -> None:
     assert value(registry, "loraplex_trainer_steps_total", experiment="a") == 0
     assert value(registry, "loraplex_trainer_tokens_total", phase="train") == 0
 
-    report = StepReport(["a", "b"], Timings(), rollout_tokens=120, train_tokens=300, seconds=1.5)
-    metrics.observe_step(report, {"a": 0.25})  # b failed in this step: no step, no reward
+    report = StepReport(
+        ["a", "b"], Timings(), rollout_tokens=120, train_tokens=300, seconds=1.5,
+        metrics={"a": {"step": 1, "reward_mean": 0.25}},  # b failed in this step: no step, no reward
+    )  # fmt: skip
+    metrics.observe_step(report)
     metrics.adapters.set(1)
     metrics.set_memory({"process_resident": 1000, "adapters": 64})
 
@@ -42,7 +45,8 @@ def test_forget_removes_every_series_of_an_experiment() -> None:
     metrics = TrainerMetrics(registry)
     metrics.track("a")
     metrics.track("b")
-    metrics.observe_step(StepReport(["a", "b"], Timings(), 1, 1, 0.1), {"a": 1.0, "b": 0.5})
+    both = {"a": {"reward_mean": 1.0}, "b": {"reward_mean": 0.5}}
+    metrics.observe_step(StepReport(["a", "b"], Timings(), 1, 1, 0.1, metrics=both))
     metrics.forget("a")
     metrics.forget("never-added")  # harmless
     text = generate_latest(registry).decode()

@@ -18,7 +18,6 @@ where the next replica resumes. Kubernetes access lives in :mod:`.cluster`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -46,7 +45,7 @@ from loraplex_api.wire import (
 )
 
 from .assignment import Assignment, config_map_refs, plan, select
-from .checkpoint import STATE_FILE, list_checkpoints
+from .checkpoint import list_checkpoints, saved_extra, step_of
 from .cluster import API_ERRORS, ClusterClient, StatusWriter
 from .experiment import Experiment, State
 from .health import HealthServer
@@ -323,22 +322,13 @@ class Agent:
     def _forget_adapter(trainer: Trainer, exp: Experiment) -> None:
         if trainer.experiments.get(exp.name) is exp:
             trainer.remove(exp.name)
-            # The trainer keeps finished experiments by name and refuses to add a name that is
-            # still running, so a removed one must leave its table to come back later.
-            del trainer.experiments[exp.name]
-        exp.close()
+        exp.close()  # an experiment the trainer already removed (finished) has nothing left to free
 
     # ----------------------------------------------------------------- train
 
     def _step(self, trainer: Trainer) -> None:
-        before = {e.name: e.step for e in trainer.active}
         report = trainer.step()
-        rewards: dict[str, float] = {}
-        for name, step in before.items():
-            exp = trainer.experiments[name]
-            if exp.step > step and exp.history:
-                rewards[name] = float(exp.history[-1]["reward_mean"])
-        self.metrics.observe_step(report, rewards)
+        self.metrics.observe_step(report)
         self.metrics.adapters.set(len(trainer.active))
         adapters = sum(
             tensor_bytes(trainer.model.adapter_parameters(n)) for n in trainer.model.adapter_names()
@@ -418,14 +408,11 @@ def checkpoint_metric(metric: str, checkpoint: Path, history: list[dict[str, Any
     rollout reward; any other name is looked up in that step's metrics.
     """
     if metric == "eval_reward":
-        try:
-            value = json.loads((checkpoint / STATE_FILE).read_text()).get("extra", {}).get("eval_reward")
-        except (OSError, ValueError):
-            return None
-        return float(value) if isinstance(value, int | float) else None
-    step = int(checkpoint.name.removeprefix("step-"))
-    at_step: dict[str, Any] = next((m for m in reversed(history) if m.get("step") == step), {})
-    value = at_step.get("reward_mean" if metric == "reward" else metric)
+        value = saved_extra(checkpoint).get("eval_reward")
+    else:
+        step = step_of(checkpoint)
+        at_step: dict[str, Any] = next((m for m in reversed(history) if m.get("step") == step), {})
+        value = at_step.get("reward_mean" if metric == "reward" else metric)
     return float(value) if isinstance(value, int | float) else None
 
 

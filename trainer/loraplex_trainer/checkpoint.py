@@ -47,16 +47,34 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint folder was taken after (``step-00000010`` -> 10); None for other names."""
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``root``, oldest first (half-written temp folders are ignored)."""
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
+        step = step_of(child)
+        if step is not None and (child / STATE_FILE).is_file():
+            found.append((step, child))
     return sorted(found)
+
+
+def saved_extra(path: Path) -> dict[str, Any]:
+    """What the trainer saved beside the tensors of a checkpoint (eval reward, wall seconds).
+
+    Empty when the state file cannot be read: callers use it for reports, not to resume.
+    """
+    try:
+        extra = json.loads((path / STATE_FILE).read_text()).get("extra")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
 
 
 def latest_checkpoint(root: Path) -> Path | None:

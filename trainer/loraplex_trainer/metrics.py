@@ -66,14 +66,14 @@ class TrainerMetrics:
         """Start the series of an added experiment (its step counter at 0)."""
         self.steps.labels(experiment=experiment)
 
-    def observe_step(self, report: StepReport, rewards: Mapping[str, float]) -> None:
-        """Record one shared step; ``rewards`` holds the experiments that took a step and their reward."""
+    def observe_step(self, report: StepReport) -> None:
+        """Record one shared step: its time and tokens, and each experiment that completed it."""
         self.step_seconds.observe(report.seconds)
         self.tokens.labels(phase="rollout").inc(report.rollout_tokens)
         self.tokens.labels(phase="train").inc(report.train_tokens)
-        for experiment, reward in rewards.items():
+        for experiment, metrics in report.metrics.items():
             self.steps.labels(experiment=experiment).inc()
-            self.reward.labels(experiment=experiment).set(reward)
+            self.reward.labels(experiment=experiment).set(float(metrics["reward_mean"]))
 
     def forget(self, experiment: str) -> None:
         """Remove every series of an experiment whose adapter left this replica."""

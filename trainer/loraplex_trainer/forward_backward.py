@@ -1,0 +1,151 @@
+"""The loss phase of a step: one micro-batched, mixed-adapter forward/backward over every training row.
+
+Rows of every experiment train together. Each row runs on its own experiment's adapter, carries
+a weight that makes its experiment's loss aggregate the way that experiment asked
+(``lossAggregation``), and sends gradient only into that adapter. Shapes: N rows in the step,
+B rows in a micro-batch, C completion positions, V vocabulary entries.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .adapters import MultiLoRAModel
+from .batches import LossReport, MicroBatch, TrainBatch, TrainRow
+from .grpo import per_token_loss, token_logprobs
+from .packing import pack
+from .prefill import prefill_prompts
+
+
+def forward_backward(
+    model: MultiLoRAModel, batch: TrainBatch, *, pad_id: int, micro_batch_tokens: int
+) -> LossReport:
+    """Accumulate every adapter's gradient over the step's rows; per-experiment loss and KL."""
+    losses: dict[str, float] = defaultdict(float)
+    kls: dict[str, float] = defaultdict(float)
+    kl_tokens: dict[str, float] = defaultdict(float)
+    rows = batch.rows
+    # Rows with zero advantage and no KL term have zero gradient: skip their forward entirely.
+    useful = [
+        i for i, r in enumerate(rows)
+        if r.completion.token_ids and (r.advantage != 0.0 or r.algorithm.kl_coef > 0)
+    ]  # fmt: skip
+    # By prompt, so that a group's rows share a micro-batch and with it one prompt pass.
+    useful.sort(key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids, rows[i].experiment, i))
+    sizes = [(len(r.prompt_ids), len(r.completion.token_ids)) for r in rows]
+    train_tokens = 0
+    model.train()
+    for index in pack(useful, sizes, micro_batch_tokens):
+        micro = batch.micro_batch(index)
+        _micro_step(model, micro, pad_id, losses, kls, kl_tokens)
+        train_tokens += sum(len(r.prompt_ids) + len(r.completion.token_ids) for r in micro.rows)
+    model.eval()
+    for name in kls:
+        kls[name] = kls[name] / max(kl_tokens[name], 1.0)
+    return LossReport(dict(losses), dict(kls), train_tokens)
+
+
+def _micro_step(
+    model: MultiLoRAModel,
+    micro: MicroBatch,
+    pad_id: int,
+    losses: dict[str, float],
+    kls: dict[str, float],
+    kl_tokens: dict[str, float],
+) -> None:
+    """Forward and backward of one micro-batch; adds its rows' loss and KL to their experiments'."""
+    device = micro.mask.device
+    algorithms = [r.algorithm for r in micro.rows]
+    adapters = [r.experiment for r in micro.rows]
+    temps = torch.tensor([_train_temperature(a.temperature) for a in algorithms], device=device)
+    advantages = torch.tensor([r.advantage for r in micro.rows], device=device)
+    kl_coefs = torch.tensor([a.kl_coef for a in algorithms], device=device)
+
+    logits = completion_logits(model, micro.rows, micro.completion_ids, micro.mask, adapters, pad_id)
+    logprobs = _logprobs(logits, micro.completion_ids, temps)  # [B, c]
+    del logits
+    ref = None
+    kl_rows = [i for i, coef in enumerate(kl_coefs.tolist()) if coef > 0]
+    if kl_rows:
+        # The reference policy is the same model with adapters switched off, needed only on
+        # rows that pay a KL term; elsewhere it equals the policy, so their k3 term is 0.
+        ref = logprobs.detach().clone()
+        width = max(len(micro.rows[i].completion.token_ids) for i in kl_rows)
+        ids, mask = micro.completion_ids[kl_rows, :width], micro.mask[kl_rows, :width]
+        with torch.no_grad():
+            kl_batch = [micro.rows[i] for i in kl_rows]
+            ref_logits = completion_logits(model, kl_batch, ids, mask, [None] * len(kl_rows), pad_id)
+            ref[kl_rows, :width] = _logprobs(ref_logits, ids, temps[kl_rows])
+            del ref_logits
+    clip_low = torch.tensor([a.clip_low for a in algorithms], device=device)[:, None]
+    clip_high = torch.tensor([a.clip_high for a in algorithms], device=device)[:, None]
+    per_token, kl = per_token_loss(
+        logprobs,
+        micro.old_logprobs,
+        advantages,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        ref_logprobs=ref,
+        kl_coef=kl_coefs[:, None],
+    )
+    per_row = (per_token * micro.mask).sum(-1) * micro.weights  # [B] each row's share of its loss
+    per_row.sum().backward()
+    for i, name in enumerate(adapters):
+        losses[name] += float(per_row[i].detach())
+        kls[name] += float((kl[i] * micro.mask[i]).sum())
+        kl_tokens[name] += float(micro.mask[i].sum())
+
+
+def completion_logits(
+    model: MultiLoRAModel,
+    rows: Sequence[TrainRow],
+    completion_ids: torch.Tensor,
+    mask: torch.Tensor,
+    adapters: Sequence[str | None],
+    pad_id: int,
+) -> torch.Tensor:
+    """Logits [B, c, V] predicting each row's completion tokens, running each distinct prompt once.
+
+    ``completion_ids`` and ``mask`` [B, c] hold the completions, right-padded. Column j predicts
+    completion token j. The rows of a GRPO group share prompt and adapter, so the prompt runs once
+    into a KV cache that is then copied to each row; the copy is differentiable, so every row's
+    gradient still reaches the prompt's tokens, and only the completions run per row. Row i uses
+    adapter ``adapters[i]`` (None: the base); prompts are left-padded with ``pad_id``.
+    """
+    device = completion_ids.device
+    cache = DynamicCache(config=model.model.config)
+    prompts = [(adapter, row.prompt_ids) for row, adapter in zip(rows, adapters, strict=True)]
+    done = prefill_prompts(model, prompts, cache, pad_id)
+    last = done.logits[:, None]  # [B, 1, V] predicts completion token 0
+    c = completion_ids.shape[1]
+    if c == 1:
+        return last
+    # A row's padding comes after its tokens, so they never see it.
+    with model.use_adapters(adapters):
+        rest = model(
+            input_ids=completion_ids,
+            attention_mask=torch.cat([done.attention_mask, mask.long()], dim=1),
+            position_ids=done.position_ids[:, -1:] + 1 + torch.arange(c, device=device)[None, :],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=torch.arange(c - 1, device=device),  # token c-1 predicts nothing we train on
+        ).logits  # [B, c-1, V]
+    return torch.cat([last, rest], dim=1)
+
+
+def _train_temperature(temperature: float) -> float:
+    """Greedy rollouts (temperature 0) are scored at temperature 1, as the engines report them."""
+    return temperature if temperature > 0 else 1.0
+
+
+def _logprobs(logits: torch.Tensor, targets: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """token_logprobs with a per-row temperature (rows of different experiments may differ)."""
+    if bool((temps == temps[0]).all()):
+        return token_logprobs(logits, targets, float(temps[0]))
+    # Scaling first keeps one call: per-row calls on logits[i : i + 1] each backpropagate a
+    # zero-filled gradient the size of the whole [B, T, V] logits.
+    return token_logprobs(logits / temps[:, None, None], targets, 1.0)
