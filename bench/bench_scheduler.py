@@ -1,5 +1,8 @@
 """Benchmark for the placement scheduler: 10,000 pending experiments onto 50 pools x 10 replicas.
 
+The scheduler decides one pool at a time, as the operator's pool passes call it; the figure is
+the time of all 50 calls.
+
 Prints the scheduler's wall time and placements per second, and the ratio to a
 naive first-fit reference (every experiment scans every replica) measured side
 by side in the same run. Usage: ``python bench/bench_scheduler.py [--repeats N]``.
@@ -12,23 +15,19 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 try:
     import loraplex_operator  # noqa: F401
 except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root / "api"), str(root / "operator")]
 
-from loraplex_operator.memory import ALL_LINEAR, LinearShape, ModelFacts
-from loraplex_operator.scheduler import (
-    Decision,
-    ExperimentDemand,
-    Placement,
-    PoolState,
-    ReplicaState,
-    demand_cost,
-    schedule,
-)
+from loraplex_api import LoRAExperimentSpec, SharedBasePool
+from loraplex_api.experiment import ALL_LINEAR
+from loraplex_operator.memory import LinearShape, ModelFacts
+from loraplex_operator.scheduler import Decision, Placement, ReplicaState, cost_of, schedule
 
 GIB = 1024**3
 
@@ -54,68 +53,105 @@ TARGETS: list[tuple[str, ...] | str] = [
 ]
 
 
-def make_world(
-    pools: int, replicas: int, experiments: int, seed: int
-) -> tuple[list[PoolState], list[ExperimentDemand]]:
+@dataclass(frozen=True)
+class Pending:
+    """An experiment as the scheduler reads it (the operator passes observed.ExperimentView)."""
+
+    key: str
+    name: str
+    created: float
+    spec: LoRAExperimentSpec
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One pool's pass: what the operator hands the scheduler for it."""
+
+    pool: SharedBasePool
+    replicas: tuple[ReplicaState, ...]
+    pending: list[Pending]
+
+
+def make_world(pools: int, replicas: int, experiments: int, seed: int) -> list[Pool]:
     """Pools of ready replicas with a 16 GiB adapter budget, and pending experiments spread over them."""
     rng = random.Random(seed)
-    pool_states = [
-        PoolState(
-            name=f"pool{p:02d}",
-            model_name="smollm2-135m-instruct",
-            desired_replicas=replicas,
-            ready_replicas=replicas,
+    world = [
+        Pool(
+            pool=SharedBasePool.model_validate(
+                {
+                    "metadata": {"name": f"pool{p:02d}", "namespace": "team", "uid": f"uid-{p}"},
+                    "spec": {
+                        "model": {"name": "smollm2-135m-instruct", "uri": "builtin://smollm2-135m-instruct"},
+                        "replicas": replicas,
+                        "capacity": {
+                            "maxAdaptersPerReplica": 32,
+                            "maxLoRARank": 64,
+                            "adapterMemoryBudget": "16Gi",
+                        },
+                        "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2 * replicas},
+                    },
+                }
+            ),
             replicas=tuple(ReplicaState(f"pool{p:02d}-{i}", True, None) for i in range(replicas)),
-            max_adapters_per_replica=32,
-            max_lora_rank=64,
-            adapter_memory_budget=16 * GIB,
-            autoscaling=True,
-            min_replicas=1,
-            max_replicas=2 * replicas,
-            scale_down_delay_seconds=300.0,
-            model_facts=SMOLLM2_FACTS,
+            pending=[],
         )
         for p in range(pools)
     ]
-    demands = [
-        ExperimentDemand(
-            key=f"team{i % 7}/exp{i:05d}",
-            pool=f"pool{rng.randrange(pools):02d}",
-            rank=rng.choice([4, 8, 16, 32, 64]),
-            target_modules=rng.choice(TARGETS),
-            prompts_per_step=rng.choice([2, 4, 8]),
-            group_size=rng.choice([4, 8]),
-            max_prompt_tokens=256,
-            max_new_tokens=rng.choice([64, 128, 256]),
-            priority=rng.choice([0, 0, 0, 1, 10]),
-            created=float(rng.randrange(100_000)),
+    for i in range(experiments):
+        target = rng.choice(TARGETS)
+        pool = world[rng.randrange(pools)]
+        spec = {
+            "poolRef": {"name": pool.pool.metadata.name},
+            "lora": {
+                "rank": rng.choice([4, 8, 16, 32, 64]),
+                "targetModules": [target] if isinstance(target, str) else list(target),
+            },
+            "dataset": {"builtin": {"name": "arithmetic"}},
+            "reward": {"builtin": {"name": "exact_match"}},
+            "algorithm": {
+                "promptsPerStep": rng.choice([2, 4, 8]),
+                "groupSize": rng.choice([4, 8]),
+                "maxPromptTokens": 256,
+                "maxNewTokens": rng.choice([64, 128, 256]),
+            },
+            "priority": rng.choice([0, 0, 0, 1, 10]),
+        }
+        name = f"exp{i:05d}"
+        created = float(rng.randrange(100_000))
+        pool.pending.append(
+            Pending(f"team{i % 7}/{name}", name, created, LoRAExperimentSpec.model_validate(spec))
         )
-        for i in range(experiments)
-    ]
-    return pool_states, demands
+    return world
 
 
-def naive_first_fit(pools: Sequence[PoolState], pending: Sequence[ExperimentDemand]) -> list[Placement]:
-    """Reference: in priority order, put each experiment on the first replica anywhere that fits it."""
-    slots: dict[str, int] = {}
-    used: dict[str, int] = {}
-    replicas = [(pool, r.name) for pool in pools for r in pool.replicas[: pool.desired_replicas] if r.ready]
+def schedule_all(world: Sequence[Pool]) -> list[Decision]:
+    """One scheduler call per pool, as the operator's pool passes make them."""
+    return [schedule(p.pool, SMOLLM2_FACTS, p.replicas, [], p.pending, now=0.0) for p in world]
+
+
+def naive_first_fit(world: Sequence[Pool]) -> list[Placement]:
+    """Reference: in priority order, put each experiment on the first replica of its pool that fits it."""
     placements = []
-    for demand in sorted(pending, key=lambda d: (-d.priority, d.created, d.key)):
-        for pool, name in replicas:
-            if pool.name != demand.pool or demand.rank > pool.max_lora_rank:
+    for pool in world:
+        spec = pool.pool.spec
+        slots: dict[str, int] = {}
+        used: dict[str, int] = {}
+        budget = spec.capacity.adapter_memory_budget_bytes
+        ready = [r.name for r in pool.replicas[: spec.replicas] if r.ready]
+        for exp in sorted(pool.pending, key=lambda e: (-e.spec.priority, e.created, e.key)):
+            if exp.spec.lora.rank > spec.capacity.max_lora_rank:
                 continue
-            cost = demand_cost(pool, demand)
+            cost = cost_of(SMOLLM2_FACTS, exp)
             need = cost.total_bytes if cost is not None else 0
-            budget = pool.adapter_memory_budget
-            if slots.get(name, 0) >= pool.max_adapters_per_replica:
-                continue
-            if budget is not None and used.get(name, 0) + need > budget:
-                continue
-            slots[name] = slots.get(name, 0) + 1
-            used[name] = used.get(name, 0) + need
-            placements.append(Placement(demand.key, pool.name, name))
-            break
+            for name in ready:
+                if slots.get(name, 0) >= spec.capacity.max_adapters_per_replica:
+                    continue
+                if budget is not None and used.get(name, 0) + need > budget:
+                    continue
+                slots[name] = slots.get(name, 0) + 1
+                used[name] = used.get(name, 0) + need
+                placements.append(Placement(exp.key, name))
+                break
     return placements
 
 
@@ -139,16 +175,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    pools, pending = make_world(args.pools, args.replicas, args.experiments, args.seed)
-    fast_s, decision = best_of(args.repeats, lambda: schedule(pools, [], pending, now=0.0))
-    naive_s, naive = best_of(args.repeats, lambda: naive_first_fit(pools, pending))
-    assert isinstance(decision, Decision) and isinstance(naive, list)
+    world = make_world(args.pools, args.replicas, args.experiments, args.seed)
+    fast_s, decisions = best_of(args.repeats, lambda: schedule_all(world))
+    naive_s, naive = best_of(args.repeats, lambda: naive_first_fit(world))
+    assert isinstance(decisions, list) and isinstance(naive, list)
 
-    placed = len(decision.placements)
+    placed = sum(len(d.placements) for d in decisions)
+    waiting = sum(len(d.unplaced) for d in decisions)
+    scaled = sum(d.scale is not None for d in decisions)
     print(f"world: {args.pools} pools x {args.replicas} replicas, {args.experiments} pending experiments")
     print(
         f"schedule():       {fast_s * 1000:8.1f} ms  {placed / fast_s:10.0f} placements/s  "
-        f"placed {placed}, waiting {len(decision.unplaced)}, scale requests {len(decision.scale)}"
+        f"placed {placed}, waiting {waiting}, scale requests {scaled}"
     )
     print(
         f"naive first fit:  {naive_s * 1000:8.1f} ms  {len(naive) / naive_s:10.0f} placements/s  placed {len(naive)}"

@@ -16,7 +16,7 @@ from .experiment import (
     RewardSpec,
     TrainingStatus,
 )
-from .manifests import Manifest, ManifestError, Problem, load_manifests, parse_document
+from .manifests import Manifest, ManifestError, Problem, load_manifests, parse_document, rank_problem
 from .pool import SharedBasePool, SharedBasePoolSpec, SharedBasePoolStatus
 
 __all__ = [
@@ -47,5 +47,6 @@ __all__ = [
     "now_rfc3339",
     "parse_document",
     "parse_quantity",
+    "rank_problem",
     "wire",
 ]

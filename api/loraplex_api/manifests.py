@@ -54,6 +54,15 @@ class ManifestError(ValueError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+def rank_problem(name: str, rank: int, pool: SharedBasePool) -> Problem | None:
+    """An experiment's adapter rank above its pool's ``capacity.maxLoRARank``, as a Problem; None when it fits."""
+    limit = pool.spec.capacity.max_lora_rank
+    if rank <= limit:
+        return None
+    message = f"{rank} exceeds pool {pool.metadata.name} capacity.maxLoRARank {limit}"
+    return Problem(EXPERIMENT_KIND, name, "spec.lora.rank", message)
+
+
 def field_path(loc: Iterable[int | str]) -> str:
     """Render a pydantic error location as a Kubernetes field path: spec.lora.targetModules[0]."""
     out = ""

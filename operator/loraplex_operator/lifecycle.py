@@ -60,8 +60,6 @@ from .promotion import PromotionOutcome
 from .validation import check_against_pool, describe
 
 INVALID_SPEC = "InvalidSpec"
-# Scheduler verdicts that no amount of waiting fixes: the spec has to change.
-UNFIT_REASONS = frozenset({scheduler.RANK_TOO_LARGE, scheduler.UNKNOWN_TARGET_MODULES, scheduler.TOO_LARGE})
 CONDITION_ORDER = (READY, PLACED, TRAINING, SUSPENDED, PROMOTED, SUCCEEDED, FAILED, RECONCILING, STALLED)
 FINISHED_MESSAGE = "finished; holds no slot"
 
@@ -123,7 +121,7 @@ class Verdict:
 
 @dataclass(frozen=True)
 class OwnedStatus:
-    """The status fields the operator writes on an experiment (DESIGN.md: who writes what)."""
+    """The status fields the operator writes on an experiment (docs/architecture.md, who writes what)."""
 
     observed_generation: int | None
     phase: Phase
@@ -287,7 +285,7 @@ def settle(
     if verdict.state != "pending":
         return verdict
     if isinstance(outcome, scheduler.Placement):
-        placement = Placement(pool=outcome.pool, replica=outcome.replica, placed_at=to_rfc3339(now))
+        placement = Placement(pool=exp.pool, replica=outcome.replica, placed_at=to_rfc3339(now))
         return replace(
             verdict,
             state="placed",
@@ -295,9 +293,7 @@ def settle(
             start_time=verdict.start_time or to_rfc3339(now),
             wants=(
                 *verdict.wants,
-                Want(
-                    PLACED, "True", "Scheduled", f"placed on replica {outcome.replica} of pool {outcome.pool}"
-                ),
+                Want(PLACED, "True", "Scheduled", f"placed on replica {outcome.replica} of pool {exp.pool}"),
                 Want(
                     TRAINING,
                     "False",
@@ -306,7 +302,7 @@ def settle(
                 ),
             ),
         )
-    if outcome is not None and outcome.reason in UNFIT_REASONS:
+    if outcome is not None and outcome.reason in scheduler.UNFIT_REASONS:
         problem = Problem("LoRAExperiment", exp.name, "", outcome.message)
         return _failed(exp, verdict, INVALID_SPEC, describe([problem]), now)
     reason, message = (

@@ -32,8 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ALL_LINEAR = "all-linear"
-"""The ``spec.lora.targetModules`` value that targets every linear module of the model."""
+from loraplex_api import LoRAExperimentSpec
+from loraplex_api.experiment import ALL_LINEAR
 
 ADAPTER_BYTES_PER_PARAM = 4
 """The trainer keeps adapter weights in fp32."""
@@ -141,6 +141,20 @@ def experiment_cost(
     adapter = adapter_parameters(facts, rank, target_modules) * ADAPTER_BYTES_PER_PARAM * ADAPTER_COPIES
     tokens = prompts_per_step * group_size * (max_prompt_tokens + max_new_tokens)
     return ExperimentCost(adapter_bytes=adapter, rollout_bytes=tokens * kv_bytes_per_token(facts))
+
+
+def spec_cost(facts: ModelFacts, spec: LoRAExperimentSpec) -> ExperimentCost:
+    """The cost of an experiment with this spec (its LoRA and step settings)."""
+    algorithm = spec.algorithm
+    return experiment_cost(
+        facts,
+        rank=spec.lora.rank,
+        target_modules=spec.lora.targets,
+        prompts_per_step=algorithm.prompts_per_step,
+        group_size=algorithm.group_size,
+        max_prompt_tokens=algorithm.max_prompt_tokens,
+        max_new_tokens=algorithm.max_new_tokens,
+    )
 
 
 def format_bytes(n: int) -> str:

@@ -36,9 +36,9 @@ from .lifecycle import (
     owned_status,
     settle,
 )
+from .memory import ModelFacts
 from .observed import ExperimentView, PodView, PoolView
 from .patches import minimal_patch
-from .placement import demand, model_facts, pool_state
 from .poolstatus import Provisioning, ReplicaHealth, pool_status, replica_health
 from .promotion import PromotionOutcome, decide, dump_history
 from .validation import describe
@@ -123,7 +123,7 @@ def plan_pool(
         now=now,
     )
     status_patch = minimal_patch(view.raw_status, status)
-    scale = decision.scale[0] if decision is not None and decision.scale else None
+    scale = decision.scale if decision is not None else None
 
     idle = {r.name: memory.idle_since.get(r.name, now) for r in health if adapters_on.get(r.name, 0) == 0}
     missing = {r.name: r.unhealthy_since for r in health if not r.exists and r.unhealthy_since is not None}
@@ -168,7 +168,7 @@ def _context(
         availability=availability,
         message=message,
         pool=pool,
-        facts=model_facts(view),
+        facts=ModelFacts.from_status(view.status.model.wire() if view.status.model else None),
         desired_replicas=desired,
         unhealthy_since={
             r.name: r.unhealthy_since for r in health if r.unhealthy_since is not None and r.ordinal < desired
@@ -190,15 +190,15 @@ def _schedule(
     """Ask the scheduler about every pending experiment, with every kept placement counted."""
     assert context.pool is not None
     kept: Counter[str] = Counter()
-    placed: list[tuple[scheduler.ExperimentDemand, scheduler.Placement]] = []
-    pending: list[scheduler.ExperimentDemand] = []
+    placed: list[tuple[ExperimentView, str]] = []
+    pending: list[ExperimentView] = []
     for exp in experiments:
         verdict = verdicts[exp.key]
         if verdict.state == "placed" and verdict.placement is not None:
             kept[verdict.placement.replica] += 1
-            placed.append((demand(exp), scheduler.Placement(exp.key, view.name, verdict.placement.replica)))
+            placed.append((exp, verdict.placement.replica))
         elif verdict.state == "pending":
-            pending.append(demand(exp))
+            pending.append(exp)
     replicas = [
         scheduler.ReplicaState(
             name=r.name,
@@ -207,7 +207,7 @@ def _schedule(
         )
         for r in health
     ]
-    return scheduler.schedule([pool_state(context.pool, context.facts, replicas)], placed, pending, now=now)
+    return scheduler.schedule(context.pool, context.facts, replicas, placed, pending, now=now)
 
 
 def _outcome(decision: scheduler.Decision, key: str) -> scheduler.Placement | scheduler.Unplaced | None:
@@ -273,11 +273,10 @@ def _used_bytes(
     pool = context.pool
     if pool is None or context.facts is None or pool.spec.capacity.adapter_memory_budget_bytes is None:
         return None
-    state = pool_state(pool, context.facts, ())
     total = 0
     for exp in experiments:
         if verdicts[exp.key].state == "placed":
-            cost = scheduler.demand_cost(state, demand(exp))
+            cost = scheduler.cost_of(context.facts, exp)
             total += cost.total_bytes if cost is not None else 0
     return total
 

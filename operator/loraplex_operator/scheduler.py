@@ -1,7 +1,9 @@
-"""Placement scheduler: a pure function from pools and experiments to placements and scale requests.
+"""Placement scheduler: a pure function from one pool and its experiments to placements and a scale request.
 
-The kopf handlers turn custom resources into the frozen dataclasses below, call
-:func:`schedule`, and write what it returns. Nothing here talks to Kubernetes.
+The planner hands it the pool (the API model), the model facts a trainer measured, the
+observed replicas and the experiments (anything with a key, a creation time and a spec, such
+as ``observed.ExperimentView``), calls :func:`schedule`, and writes what it returns. Nothing
+here talks to Kubernetes.
 
 How experiments are placed
     Pending experiments are taken in priority order (higher ``priority`` first,
@@ -32,11 +34,11 @@ How pools scale (only with autoscaling enabled)
     pool waits for capacity.
 
 Why an experiment is not placed (``Unplaced.reason``)
-    ``PoolNotFound`` (no pool of that name), ``RankTooLarge`` (above
-    ``maxLoRARank``), ``UnknownTargetModules`` (the model has no such linear
-    module), ``TooLarge`` (more than a whole replica's budget) never resolve by
-    waiting; ``WaitingForCapacity`` does, and its message says whether the pool
-    is scaling, waiting for replicas to become ready, at ``maxReplicas`` or not
+    ``RankTooLarge`` (above ``maxLoRARank``), ``UnknownTargetModules`` (the
+    model has no such linear module), ``TooLarge`` (more than a whole replica's
+    budget) never resolve by waiting (``validation.py`` words them);
+    ``WaitingForCapacity`` does, and its message says whether the pool is
+    scaling, waiting for replicas to become ready, at ``maxReplicas`` or not
     autoscaling.
 
 The result is deterministic (independent of input order) and idempotent:
@@ -48,22 +50,46 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from .memory import ExperimentCost, ModelFacts, experiment_cost, format_bytes, unknown_target_modules
+from loraplex_api import LoRAExperimentSpec, SharedBasePool
 
-POOL_NOT_FOUND = "PoolNotFound"
-RANK_TOO_LARGE = "RankTooLarge"
-UNKNOWN_TARGET_MODULES = "UnknownTargetModules"
-TOO_LARGE = "TooLarge"
+from .memory import ExperimentCost, ModelFacts, format_bytes, spec_cost
+from .validation import RANK_TOO_LARGE, TOO_LARGE, UNKNOWN_TARGET_MODULES, unfit
+
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
+UNFIT_REASONS = frozenset({RANK_TOO_LARGE, UNKNOWN_TARGET_MODULES, TOO_LARGE})
+"""Reasons no amount of waiting fixes: the spec has to change."""
 
 SCALE_UP = "ScaleUp"
 SCALE_DOWN = "ScaleDown"
 
 
+class Experiment(Protocol):
+    """What the scheduler reads of an experiment (``observed.ExperimentView`` is one)."""
+
+    @property
+    def key(self) -> str:
+        """``namespace/name``, unique."""
+        ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def created(self) -> float:
+        """Unix time; older experiments go first among equal priority."""
+        ...
+
+    @property
+    def spec(self) -> LoRAExperimentSpec | None:
+        """The validated spec; an experiment without one cannot be scheduled."""
+        ...
+
+
 @dataclass(frozen=True)
 class ReplicaState:
-    """One StatefulSet replica of a pool, as observed."""
+    """One StatefulSet replica of the pool, as observed."""
 
     name: str
     ready: bool
@@ -72,53 +98,10 @@ class ReplicaState:
 
 
 @dataclass(frozen=True)
-class PoolState:
-    """A SharedBasePool's spec and observed state, as far as placement needs it."""
-
-    name: str
-    model_name: str
-    desired_replicas: int
-    ready_replicas: int
-    replicas: tuple[ReplicaState, ...]
-    """Observed replicas, named ``f"{name}-{ordinal}"``."""
-    max_adapters_per_replica: int
-    max_lora_rank: int
-    adapter_memory_budget: int | None
-    """Bytes per replica for adapters, optimizer state and rollout buffers; None means unlimited."""
-    autoscaling: bool
-    min_replicas: int
-    max_replicas: int
-    scale_down_delay_seconds: float
-    model_facts: ModelFacts | None
-    """From ``status.model``; None until a trainer reported them, and then only slots are counted."""
-
-
-@dataclass(frozen=True)
-class ExperimentDemand:
-    """What one LoRAExperiment asks of a pool."""
-
-    key: str
-    """``namespace/name``, unique."""
-    pool: str
-    """``spec.poolRef.name``."""
-    rank: int
-    target_modules: tuple[str, ...] | str
-    """Module names, or ``"all-linear"``."""
-    prompts_per_step: int
-    group_size: int
-    max_prompt_tokens: int
-    max_new_tokens: int
-    priority: int
-    created: float
-    """Unix time; older experiments go first among equal priority."""
-
-
-@dataclass(frozen=True)
 class Placement:
-    """An experiment assigned to one replica of a pool."""
+    """An experiment assigned to one replica of the pool."""
 
     key: str
-    pool: str
     replica: str
 
 
@@ -132,9 +115,8 @@ class Unplaced:
 
 @dataclass(frozen=True)
 class ScaleRequest:
-    """A new ``spec.replicas`` for a pool, with an event reason and message."""
+    """A new ``spec.replicas`` for the pool, with an event reason and message."""
 
-    pool: str
     replicas: int
     reason: str
     message: str
@@ -142,10 +124,10 @@ class ScaleRequest:
 
 @dataclass(frozen=True)
 class Decision:
-    """What :func:`schedule` decided: new placements, scale requests, and why the rest wait."""
+    """What :func:`schedule` decided: new placements, a scale request, and why the rest wait."""
 
     placements: tuple[Placement, ...]
-    scale: tuple[ScaleRequest, ...]
+    scale: ScaleRequest | None
     unplaced: Mapping[str, Unplaced] = field(hash=False)
     """Experiment key -> reason, for every pending experiment that got no placement."""
 
@@ -155,19 +137,9 @@ def replica_name(pool: str, ordinal: int) -> str:
     return f"{pool}-{ordinal}"
 
 
-def demand_cost(pool: PoolState, demand: ExperimentDemand) -> ExperimentCost | None:
-    """An experiment's memory cost on this pool's replicas, or None while the pool has no model facts."""
-    if pool.model_facts is None:
-        return None
-    return experiment_cost(
-        pool.model_facts,
-        rank=demand.rank,
-        target_modules=demand.target_modules,
-        prompts_per_step=demand.prompts_per_step,
-        group_size=demand.group_size,
-        max_prompt_tokens=demand.max_prompt_tokens,
-        max_new_tokens=demand.max_new_tokens,
-    )
+def cost_of(facts: ModelFacts | None, experiment: Experiment) -> ExperimentCost | None:
+    """An experiment's memory cost on the pool's replicas, or None while the pool has no model facts."""
+    return None if facts is None else spec_cost(facts, _spec(experiment))
 
 
 class _BestFit:
@@ -203,20 +175,30 @@ class _BestFit:
 
 
 @dataclass
-class _PoolPlan:
-    """Scratch state for one pool while scheduling."""
+class _Plan:
+    """Scratch state of the pool while scheduling."""
 
-    pool: PoolState
-    tracks_memory: bool
-    observed: dict[str, ReplicaState] = field(default_factory=dict)
+    pool: SharedBasePool
+    facts: ModelFacts | None
+    observed: dict[str, ReplicaState]
+    budget: int | None
+    """Bytes per replica when memory is accounted (a budget and model facts), else None."""
     used_bytes: dict[str, int] = field(default_factory=dict)
     used_slots: dict[str, int] = field(default_factory=dict)
     ready: _BestFit = field(default_factory=_BestFit)
-    waiting: list[tuple[ExperimentDemand, int]] = field(default_factory=list)
+    waiting: list[tuple[Experiment, int]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.pool.metadata.name
+
+    @property
+    def desired(self) -> int:
+        return self.pool.spec.replicas
 
     def replica(self, ordinal: int) -> ReplicaState:
         """The observed state of a replica; one not observed yet is neither ready nor known idle."""
-        name = replica_name(self.pool.name, ordinal)
+        name = replica_name(self.name, ordinal)
         return self.observed.get(name) or ReplicaState(name=name, ready=False, idle_since=None)
 
     def charge(self, replica: str, cost: int) -> None:
@@ -226,206 +208,159 @@ class _PoolPlan:
 
     def charged_bytes(self, cost: ExperimentCost | None) -> int:
         """Bytes an experiment of this cost takes here; 0 when memory is not accounted."""
-        return cost.total_bytes if self.tracks_memory and cost is not None else 0
+        return cost.total_bytes if self.budget is not None and cost is not None else 0
 
     def offer(self, into: _BestFit, ordinal: int) -> None:
         """Offer a replica to a best-fit structure with whatever it has left."""
-        name = replica_name(self.pool.name, ordinal)
-        budget = self.pool.adapter_memory_budget if self.tracks_memory else None
-        free_bytes = 0 if budget is None else budget - self.used_bytes.get(name, 0)
-        into.add(ordinal, free_bytes, self.pool.max_adapters_per_replica - self.used_slots.get(name, 0))
+        name = replica_name(self.name, ordinal)
+        free_bytes = 0 if self.budget is None else self.budget - self.used_bytes.get(name, 0)
+        slots = self.pool.spec.capacity.max_adapters_per_replica
+        into.add(ordinal, free_bytes, slots - self.used_slots.get(name, 0))
 
 
 def schedule(
-    pools: Sequence[PoolState],
-    placed: Sequence[tuple[ExperimentDemand, Placement]],
-    pending: Sequence[ExperimentDemand],
+    pool: SharedBasePool,
+    facts: ModelFacts | None,
+    replicas: Sequence[ReplicaState],
+    placed: Sequence[tuple[Experiment, str]],
+    pending: Sequence[Experiment],
     *,
     now: float,
 ) -> Decision:
-    """Place pending experiments onto pool replicas and decide how pools scale (see the module docstring)."""
-    plans: dict[str, _PoolPlan] = {}
-    for pool in sorted(pools, key=lambda p: p.name):
-        if pool.name in plans:
-            raise ValueError(f"pool {pool.name!r} is listed twice")
-        tracks = pool.model_facts is not None and pool.adapter_memory_budget is not None
-        observed = {r.name: r for r in pool.replicas}
-        plans[pool.name] = _PoolPlan(pool=pool, tracks_memory=tracks, observed=observed)
+    """Place the pool's pending experiments on its replicas and decide how it scales (see the module docstring).
 
+    ``placed`` pairs each experiment that keeps its placement with its replica's name.
+    """
+    budget = pool.spec.capacity.adapter_memory_budget_bytes if facts is not None else None
+    plan = _Plan(pool=pool, facts=facts, observed={r.name: r for r in replicas}, budget=budget)
     placed_keys: set[str] = set()
-    for demand, placement in placed:
-        placed_keys.add(placement.key)
-        plan = plans.get(placement.pool)
-        if plan is not None:
-            plan.charge(placement.replica, plan.charged_bytes(demand_cost(plan.pool, demand)))
-
-    for plan in plans.values():
-        for ordinal in range(plan.pool.desired_replicas):
-            if plan.replica(ordinal).ready:
-                plan.offer(plan.ready, ordinal)
+    for experiment, replica in placed:
+        placed_keys.add(experiment.key)
+        plan.charge(replica, plan.charged_bytes(cost_of(facts, experiment)))
+    for ordinal in range(plan.desired):
+        if plan.replica(ordinal).ready:
+            plan.offer(plan.ready, ordinal)
 
     placements: list[Placement] = []
     unplaced: dict[str, Unplaced] = {}
-    for demand in _in_priority_order(pending, placed_keys):
-        plan = plans.get(demand.pool)
-        if plan is None:
-            namespace = demand.key.partition("/")[0]
-            message = f"spec.poolRef.name: no SharedBasePool {demand.pool!r} in namespace {namespace}"
-            unplaced[demand.key] = Unplaced(POOL_NOT_FOUND, message)
-            continue
-        cost = demand_cost(plan.pool, demand)
-        rejected = _reject(plan.pool, demand, cost)
-        if rejected is not None:
-            unplaced[demand.key] = rejected
+    for experiment in _in_priority_order(pending, placed_keys):
+        cost = cost_of(facts, experiment)
+        rejected = unfit(experiment.name, _spec(experiment), pool, facts, cost)
+        if rejected:
+            unplaced[experiment.key] = Unplaced(rejected[0].reason, rejected[0].message)
             continue
         charged = plan.charged_bytes(cost)
         into = plan.ready.place(charged)
         if into is None:
-            plan.waiting.append((demand, charged))
+            plan.waiting.append((experiment, charged))
             continue
-        replica = replica_name(plan.pool.name, into)
+        replica = replica_name(plan.name, into)
         plan.charge(replica, charged)
-        placements.append(Placement(demand.key, plan.pool.name, replica))
+        placements.append(Placement(experiment.key, replica))
 
-    scale: list[ScaleRequest] = []
-    for plan in plans.values():
-        request = _scale_up(plan, unplaced)
-        if request is None and plan.pool.autoscaling and not plan.waiting:
-            request = _scale_down(plan, now)
-        if request is not None:
-            scale.append(request)
-
-    return Decision(
-        placements=tuple(placements),
-        scale=tuple(scale),
-        unplaced=dict(sorted(unplaced.items())),
-    )
+    scale = _scale_up(plan, unplaced)
+    if scale is None and pool.spec.autoscaling.enabled and not plan.waiting:
+        scale = _scale_down(plan, now)
+    return Decision(placements=tuple(placements), scale=scale, unplaced=dict(sorted(unplaced.items())))
 
 
-def _in_priority_order(pending: Iterable[ExperimentDemand], placed_keys: set[str]) -> list[ExperimentDemand]:
+def _spec(experiment: Experiment) -> LoRAExperimentSpec:
+    if experiment.spec is None:
+        raise ValueError(f"experiment {experiment.key} has an invalid spec and asks for nothing")
+    return experiment.spec
+
+
+def _in_priority_order(pending: Iterable[Experiment], placed_keys: set[str]) -> list[Experiment]:
     """Pending experiments not yet placed: higher priority first, then older, then by key."""
     seen: set[str] = set()
-    for demand in pending:
-        if demand.key in seen:
-            raise ValueError(f"pending experiment {demand.key!r} is listed twice")
-        seen.add(demand.key)
-    todo = [d for d in pending if d.key not in placed_keys]
-    return sorted(todo, key=lambda d: (-d.priority, d.created, d.key))
+    for experiment in pending:
+        if experiment.key in seen:
+            raise ValueError(f"pending experiment {experiment.key!r} is listed twice")
+        seen.add(experiment.key)
+    todo = [e for e in pending if e.key not in placed_keys]
+    return sorted(todo, key=lambda e: (-_spec(e).priority, e.created, e.key))
 
 
-def _reject(pool: PoolState, demand: ExperimentDemand, cost: ExperimentCost | None) -> Unplaced | None:
-    """Why the experiment can never fit this pool, whatever its load; None when it could."""
-    if demand.rank > pool.max_lora_rank:
-        return Unplaced(
-            RANK_TOO_LARGE,
-            f"spec.lora.rank: {demand.rank} exceeds pool {pool.name} capacity.maxLoRARank {pool.max_lora_rank}",
-        )
-    facts = pool.model_facts
-    if facts is not None:
-        unknown = unknown_target_modules(facts, demand.target_modules)
-        if unknown:
-            return Unplaced(
-                UNKNOWN_TARGET_MODULES,
-                f"spec.lora.targetModules: {', '.join(unknown)} not a linear module of {pool.model_name}; "
-                f"known: {', '.join(sorted(facts.linear_modules))}",
-            )
-    budget = pool.adapter_memory_budget
-    if cost is not None and budget is not None and cost.total_bytes > budget:
-        return Unplaced(
-            TOO_LARGE,
-            f"needs {format_bytes(cost.total_bytes)} (adapter and optimizer {format_bytes(cost.adapter_bytes)}, "
-            f"rollout KV cache {format_bytes(cost.rollout_bytes)}) but pool {pool.name} "
-            f"capacity.adapterMemoryBudget is {format_bytes(budget)} per replica; lower spec.lora.rank, "
-            "spec.algorithm.promptsPerStep, groupSize or maxNewTokens",
-        )
-    return None
-
-
-def _scale_up(plan: _PoolPlan, unplaced: dict[str, Unplaced]) -> ScaleRequest | None:
+def _scale_up(plan: _Plan, unplaced: dict[str, Unplaced]) -> ScaleRequest | None:
     """Pack waiting experiments into not-ready and new replicas, say why each waits; the request, if any."""
-    pool = plan.pool
+    autoscaling = plan.pool.spec.autoscaling
     coming = _BestFit()
-    for i in range(pool.desired_replicas):
+    for i in range(plan.desired):
         if not plan.replica(i).ready:
             plan.offer(coming, i)
     not_ready = len(coming)
-    target = pool.desired_replicas
+    target = plan.desired
     why_full = _why_full(plan)
-    for demand, cost in plan.waiting:
+    for experiment, cost in plan.waiting:
         into = coming.place(cost)
         # A replica beyond spec.replicas may still hold placed experiments, so
         # opening it again need not make room: keep opening up to the cap.
-        while into is None and pool.autoscaling and target < pool.max_replicas:
+        while into is None and autoscaling.enabled and target < autoscaling.max_replicas:
             plan.offer(coming, target)
             target += 1
             into = coming.place(cost)
-        if into is not None and into < pool.desired_replicas:
+        if into is not None and into < plan.desired:
             outlook = f"waiting for {not_ready} replica(s) that are not ready yet"
         elif into is not None:
-            outlook = f"scaling pool {pool.name} up"
-        elif pool.autoscaling:
-            outlook = f"pool {pool.name} is at spec.autoscaling.maxReplicas {pool.max_replicas}"
+            outlook = f"scaling pool {plan.name} up"
+        elif autoscaling.enabled:
+            outlook = f"pool {plan.name} is at spec.autoscaling.maxReplicas {autoscaling.max_replicas}"
         else:
             outlook = "autoscaling is off (spec.autoscaling.enabled)"
-        need = f"needs {format_bytes(cost)}; " if plan.tracks_memory else ""
-        unplaced[demand.key] = Unplaced(WAITING_FOR_CAPACITY, f"{need}{why_full}; {outlook}")
+        need = f"needs {format_bytes(cost)}; " if plan.budget is not None else ""
+        unplaced[experiment.key] = Unplaced(WAITING_FOR_CAPACITY, f"{need}{why_full}; {outlook}")
 
-    if pool.autoscaling:
-        target = max(target, min(pool.min_replicas, pool.max_replicas))
-    if target <= pool.desired_replicas:
+    if autoscaling.enabled:
+        target = max(target, min(autoscaling.min_replicas, autoscaling.max_replicas))
+    if target <= plan.desired:
         return None
     cause = (
         f"{len(plan.waiting)} experiment(s) wait for capacity"
         if plan.waiting
-        else f"below spec.autoscaling.minReplicas {pool.min_replicas}"
+        else f"below spec.autoscaling.minReplicas {autoscaling.min_replicas}"
     )
     return ScaleRequest(
-        pool=pool.name,
         replicas=target,
         reason=SCALE_UP,
-        message=f"{cause}; scaling from {pool.desired_replicas} to {target} replicas",
+        message=f"{cause}; scaling from {plan.desired} to {target} replicas",
     )
 
 
-def _why_full(plan: _PoolPlan) -> str:
+def _why_full(plan: _Plan) -> str:
     """A clause saying why no ready replica of the pool takes more experiments."""
-    pool = plan.pool
-    ready = sum(1 for i in range(pool.desired_replicas) if plan.replica(i).ready)
+    ready = sum(1 for i in range(plan.desired) if plan.replica(i).ready)
     if ready == 0:
-        return f"pool {pool.name} has no ready replica ({pool.desired_replicas} desired)"
+        return f"pool {plan.name} has no ready replica ({plan.desired} desired)"
     most_free = plan.ready.most_free_bytes()
-    if most_free is None or not plan.tracks_memory:
-        return (
-            f"all {ready} ready replica(s) of pool {pool.name} hold "
-            f"capacity.maxAdaptersPerReplica {pool.max_adapters_per_replica} experiments"
-        )
+    if most_free is None or plan.budget is None:
+        slots = plan.pool.spec.capacity.max_adapters_per_replica
+        return f"all {ready} ready replica(s) of pool {plan.name} hold capacity.maxAdaptersPerReplica {slots} experiments"
     return (
-        f"the most free adapter memory on a ready replica of pool {pool.name} with a free slot "
+        f"the most free adapter memory on a ready replica of pool {plan.name} with a free slot "
         f"is {format_bytes(most_free)}"
     )
 
 
-def _scale_down(plan: _PoolPlan, now: float) -> ScaleRequest | None:
+def _scale_down(plan: _Plan, now: float) -> ScaleRequest | None:
     """Remove trailing replicas that have been empty for the delay, down to minReplicas; the request, if any."""
-    pool = plan.pool
-    target = pool.desired_replicas
-    while target > pool.min_replicas:
+    autoscaling = plan.pool.spec.autoscaling
+    delay = float(autoscaling.scale_down_delay_seconds)
+    target = plan.desired
+    while target > autoscaling.min_replicas:
         replica = plan.replica(target - 1)
         idle = (
             plan.used_slots.get(replica.name, 0) == 0
             and replica.idle_since is not None
-            and now - replica.idle_since >= pool.scale_down_delay_seconds
+            and now - replica.idle_since >= delay
         )
         if not idle:
             break
         target -= 1
-    if target == pool.desired_replicas:
+    if target == plan.desired:
         return None
     return ScaleRequest(
-        pool=pool.name,
         replicas=target,
         reason=SCALE_DOWN,
-        message=f"replicas {replica_name(pool.name, target)} to {replica_name(pool.name, pool.desired_replicas - 1)} "
-        f"have been idle for at least "
-        f"{pool.scale_down_delay_seconds:g}s; scaling from {pool.desired_replicas} to {target} replicas",
+        message=f"replicas {replica_name(plan.name, target)} to {replica_name(plan.name, plan.desired - 1)} "
+        f"have been idle for at least {delay:g}s; scaling from {plan.desired} to {target} replicas",
     )

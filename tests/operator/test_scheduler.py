@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loraplex_api import LoRAExperimentSpec, SharedBasePool
 from loraplex_operator.memory import LinearShape, ModelFacts
 from loraplex_operator.scheduler import (
-    POOL_NOT_FOUND,
     RANK_TOO_LARGE,
     SCALE_DOWN,
     SCALE_UP,
@@ -19,29 +20,64 @@ from loraplex_operator.scheduler import (
     UNKNOWN_TARGET_MODULES,
     WAITING_FOR_CAPACITY,
     Decision,
-    ExperimentDemand,
-    Placement,
-    PoolState,
     ReplicaState,
     ScaleRequest,
-    demand_cost,
+    cost_of,
     schedule,
 )
 
 NOW = 10_000.0
 
 # One linear module 1->1 in one layer: 2 parameters per rank, 4 fp32 copies = 32 bytes per rank.
-# With no prompt or new tokens the rollout term is 0, so an experiment of rank r costs exactly 32 * r.
+# hidden_size 0 means no KV cache, so an experiment of rank r costs exactly 32 * r.
 UNIT_FACTS = ModelFacts(
-    parameter_count=10, linear_modules={"q_proj": LinearShape(1, 1, 1)}, hidden_size=1, num_layers=1
+    parameter_count=10, linear_modules={"q_proj": LinearShape(1, 1, 1)}, hidden_size=0, num_layers=1
 )
 RANK_BYTES = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """A pool as the planner hands it to the scheduler: the API model, the facts, the observed replicas."""
+
+    pool: SharedBasePool
+    facts: ModelFacts | None
+    replicas: tuple[ReplicaState, ...]
+
+    @property
+    def name(self) -> str:
+        return self.pool.metadata.name
+
+    def with_spec(self, **changes: Any) -> Pool:
+        """The same pool with spec fields changed (snake_case, nested models as dicts)."""
+        spec = self.pool.spec.model_dump()
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                spec[key] = {**spec[key], **value}
+            else:
+                spec[key] = value
+        pool = self.pool.model_copy(update={"spec": type(self.pool.spec).model_validate(spec)})
+        return dataclasses.replace(self, pool=pool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exp:
+    """An experiment as the scheduler reads it (observed.ExperimentView has the same attributes)."""
+
+    name: str
+    spec: LoRAExperimentSpec
+    created: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"ns/{self.name}"
 
 
 def make_pool(
     name: str = "p",
     *,
     replicas: int = 1,
+    observed: int | None = None,
     not_ready: tuple[int, ...] = (),
     idle_since: dict[int, float] | None = None,
     slots: int = 4,
@@ -52,54 +88,68 @@ def make_pool(
     min_replicas: int = 0,
     max_replicas: int = 8,
     delay: float = 300.0,
-) -> PoolState:
+) -> Pool:
     idle_since = idle_since or {}
     states = tuple(
         ReplicaState(name=f"{name}-{i}", ready=i not in not_ready, idle_since=idle_since.get(i))
-        for i in range(replicas)
+        for i in range(replicas if observed is None else observed)
     )
-    return PoolState(
-        name=name,
-        model_name="tiny",
-        desired_replicas=replicas,
-        ready_replicas=sum(s.ready for s in states),
-        replicas=states,
-        max_adapters_per_replica=slots,
-        max_lora_rank=max_rank,
-        adapter_memory_budget=budget,
-        autoscaling=autoscaling,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        scale_down_delay_seconds=delay,
-        model_facts=facts,
+    capacity: dict[str, Any] = {"maxAdaptersPerReplica": slots, "maxLoRARank": max_rank}
+    if budget is not None:
+        capacity["adapterMemoryBudget"] = budget
+    pool = SharedBasePool.model_validate(
+        {
+            "metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}"},
+            "spec": {
+                "model": {"name": "tiny", "uri": "file:///models/tiny"},
+                "replicas": replicas,
+                "capacity": capacity,
+                "autoscaling": {
+                    "enabled": autoscaling,
+                    "minReplicas": min_replicas,
+                    "maxReplicas": max_replicas,
+                    "scaleDownDelaySeconds": delay,
+                },
+            },
+        }
     )
+    return Pool(pool, facts, states)
 
 
-def make_exp(
-    name: str,
+def exp_spec(
     *,
     pool: str = "p",
     rank: int = 8,
     modules: tuple[str, ...] | str = ("q_proj",),
     priority: int = 0,
-    created: float = 0.0,
-) -> ExperimentDemand:
-    return ExperimentDemand(
-        key=f"ns/{name}",
-        pool=pool,
-        rank=rank,
-        target_modules=modules,
-        prompts_per_step=1,
-        group_size=1,
-        max_prompt_tokens=0,
-        max_new_tokens=0,
-        priority=priority,
-        created=created,
+    prompts: int = 1,
+    group: int = 2,
+    prompt_tokens: int = 1,
+    new_tokens: int = 1,
+) -> LoRAExperimentSpec:
+    return LoRAExperimentSpec.model_validate(
+        {
+            "poolRef": {"name": pool},
+            "lora": {"rank": rank, "targetModules": [modules] if isinstance(modules, str) else list(modules)},
+            "dataset": {"builtin": {"name": "arithmetic"}},
+            "reward": {"builtin": {"name": "exact_match"}},
+            "algorithm": {
+                "promptsPerStep": prompts,
+                "groupSize": group,
+                "maxPromptTokens": prompt_tokens,
+                "maxNewTokens": new_tokens,
+            },
+            "priority": priority,
+        }
     )
 
 
-def on(exp: ExperimentDemand, replica: str, pool: str = "p") -> tuple[ExperimentDemand, Placement]:
-    return exp, Placement(exp.key, pool, replica)
+def make_exp(name: str, *, created: float = 0.0, **spec: Any) -> Exp:
+    return Exp(name, exp_spec(**spec), created)
+
+
+def run(pool: Pool, placed: list[tuple[Exp, str]], pending: list[Exp], *, now: float = NOW) -> Decision:
+    return schedule(pool.pool, pool.facts, pool.replicas, placed, pending, now=now)
 
 
 def where(decision: Decision) -> dict[str, str]:
@@ -112,45 +162,43 @@ def where(decision: Decision) -> dict[str, str]:
 def test_higher_priority_goes_first_even_when_newer() -> None:
     old_low = make_exp("old-low", priority=0, created=1.0)
     new_high = make_exp("new-high", priority=5, created=2.0)
-    decision = schedule([make_pool(slots=1)], [], [old_low, new_high], now=NOW)
+    decision = run(make_pool(slots=1), [], [old_low, new_high], now=NOW)
     assert where(decision) == {"ns/new-high": "p-0"}
     assert decision.unplaced["ns/old-low"].reason == WAITING_FOR_CAPACITY
 
 
 def test_older_goes_first_at_equal_priority() -> None:
-    decision = schedule(
-        [make_pool(slots=1)], [], [make_exp("b", created=2.0), make_exp("a", created=1.0)], now=NOW
-    )
+    decision = run(make_pool(slots=1), [], [make_exp("b", created=2.0), make_exp("a", created=1.0)], now=NOW)
     assert where(decision) == {"ns/a": "p-0"}
 
 
 def test_best_fit_chooses_the_fullest_replica_that_fits() -> None:
     pool = make_pool(replicas=3, budget=10 * RANK_BYTES, facts=UNIT_FACTS)
     placed = [
-        on(make_exp("on0", rank=1), "p-0"),  # 9 ranks free
-        on(make_exp("on1", rank=5), "p-1"),  # 5 ranks free
-        on(make_exp("on2", rank=7), "p-2"),  # 3 ranks free
+        (make_exp("on0", rank=1), "p-0"),  # 9 ranks free
+        (make_exp("on1", rank=5), "p-1"),  # 5 ranks free
+        (make_exp("on2", rank=7), "p-2"),  # 3 ranks free
     ]
-    decision = schedule(
-        [pool], placed, [make_exp("four", rank=4, created=1), make_exp("six", rank=6, created=2)], now=NOW
+    decision = run(
+        pool, placed, [make_exp("four", rank=4, created=1), make_exp("six", rank=6, created=2)], now=NOW
     )
     assert where(decision) == {"ns/four": "p-1", "ns/six": "p-0"}
 
 
 def test_best_fit_without_memory_chooses_the_replica_with_fewest_free_slots() -> None:
     pool = make_pool(replicas=3, slots=4)
-    placed = [on(make_exp("a"), "p-0"), on(make_exp("b"), "p-2"), on(make_exp("c"), "p-2")]
-    decision = schedule([pool], placed, [make_exp("new")], now=NOW)
+    placed = [(make_exp("a"), "p-0"), (make_exp("b"), "p-2"), (make_exp("c"), "p-2")]
+    decision = run(pool, placed, [make_exp("new")], now=NOW)
     assert where(decision) == {"ns/new": "p-2"}
 
 
 def test_ties_go_to_the_lowest_ordinal() -> None:
-    decision = schedule([make_pool(replicas=12, slots=1)], [], [make_exp("a")], now=NOW)
+    decision = run(make_pool(replicas=12, slots=1), [], [make_exp("a")], now=NOW)
     assert where(decision) == {"ns/a": "p-0"}
 
 
 def test_rank_above_the_pool_limit_is_rejected_with_the_field_and_limit() -> None:
-    decision = schedule([make_pool(max_rank=64)], [], [make_exp("big", rank=128)], now=NOW)
+    decision = run(make_pool(max_rank=64), [], [make_exp("big", rank=128)], now=NOW)
     assert decision.placements == ()
     unplaced = decision.unplaced["ns/big"]
     assert unplaced.reason == RANK_TOO_LARGE
@@ -158,8 +206,8 @@ def test_rank_above_the_pool_limit_is_rejected_with_the_field_and_limit() -> Non
 
 
 def test_slot_limit_per_replica() -> None:
-    decision = schedule(
-        [make_pool(replicas=1, slots=2)], [], [make_exp(n, created=i) for i, n in enumerate("abc")], now=NOW
+    decision = run(
+        make_pool(replicas=1, slots=2), [], [make_exp(n, created=i) for i, n in enumerate("abc")], now=NOW
     )
     assert where(decision) == {"ns/a": "p-0", "ns/b": "p-0"}
     assert decision.unplaced["ns/c"].reason == WAITING_FOR_CAPACITY
@@ -169,9 +217,7 @@ def test_slot_limit_per_replica() -> None:
 
 def test_memory_budget_per_replica() -> None:
     pool = make_pool(replicas=1, budget=10 * RANK_BYTES, facts=UNIT_FACTS)
-    decision = schedule(
-        [pool], [], [make_exp("a", rank=6, created=1), make_exp("b", rank=6, created=2)], now=NOW
-    )
+    decision = run(pool, [], [make_exp("a", rank=6, created=1), make_exp("b", rank=6, created=2)], now=NOW)
     assert where(decision) == {"ns/a": "p-0"}
     assert decision.unplaced["ns/b"].reason == WAITING_FOR_CAPACITY
     assert "needs 192B" in decision.unplaced["ns/b"].message
@@ -179,59 +225,54 @@ def test_memory_budget_per_replica() -> None:
 
 def test_budget_without_model_facts_counts_slots_only() -> None:
     pool = make_pool(replicas=1, slots=3, budget=1, facts=None)
-    decision = schedule([pool], [], [make_exp(n, rank=64) for n in "abc"], now=NOW)
+    decision = run(pool, [], [make_exp(n, rank=64) for n in "abc"], now=NOW)
     assert len(decision.placements) == 3
 
 
 def test_larger_than_a_whole_replica_is_too_large() -> None:
     pool = make_pool(budget=10 * RANK_BYTES, facts=UNIT_FACTS, autoscaling=True)
-    decision = schedule([pool], [], [make_exp("huge", rank=11)], now=NOW)
+    decision = run(pool, [], [make_exp("huge", rank=11)], now=NOW)
     assert decision.unplaced["ns/huge"].reason == TOO_LARGE
     assert "capacity.adapterMemoryBudget" in decision.unplaced["ns/huge"].message
-    assert decision.scale == ()
+    assert decision.scale is None
 
 
 def test_target_modules_the_model_lacks_are_rejected() -> None:
     pool = make_pool(facts=UNIT_FACTS)
-    decision = schedule([pool], [], [make_exp("x", modules=("q_proj", "gate_proj"))], now=NOW)
+    decision = run(pool, [], [make_exp("x", modules=("q_proj", "gate_proj"))], now=NOW)
     assert decision.unplaced["ns/x"].reason == UNKNOWN_TARGET_MODULES
     assert decision.unplaced["ns/x"].message.startswith("spec.lora.targetModules: gate_proj")
 
 
-def test_unknown_pool() -> None:
-    decision = schedule([make_pool("p")], [], [make_exp("lost", pool="nope")], now=NOW)
-    assert decision.unplaced["ns/lost"].reason == POOL_NOT_FOUND
-    assert "'nope'" in decision.unplaced["ns/lost"].message
-
-
 def test_only_ready_replicas_of_the_desired_range_receive_experiments() -> None:
-    pool = dataclasses.replace(make_pool(replicas=3, not_ready=(0,), slots=1), desired_replicas=2)
-    decision = schedule([pool], [], [make_exp("a", created=1), make_exp("b", created=2)], now=NOW)
+    pool = make_pool(replicas=2, observed=3, not_ready=(0,), slots=1)
+    decision = run(pool, [], [make_exp("a", created=1), make_exp("b", created=2)], now=NOW)
     assert where(decision) == {"ns/a": "p-1"}  # p-0 is not ready, p-2 is being removed
     assert "waiting for 1 replica(s) that are not ready yet" in decision.unplaced["ns/b"].message
 
 
 def test_placed_experiments_count_on_not_ready_replicas_and_never_move() -> None:
     pool = make_pool(replicas=2, not_ready=(1,), slots=1, autoscaling=True, max_replicas=3)
-    placed = [on(make_exp("stays"), "p-1")]
-    decision = schedule([pool], placed, [make_exp("a", created=1), make_exp("b", created=2)], now=NOW)
+    placed = [(make_exp("stays"), "p-1")]
+    decision = run(pool, placed, [make_exp("a", created=1), make_exp("b", created=2)], now=NOW)
     assert where(decision) == {"ns/a": "p-0"}
     # p-1 is full even though not ready, so b needs a new replica
-    assert decision.scale == (ScaleRequest("p", 3, SCALE_UP, decision.scale[0].message),)
+    assert decision.scale is not None
+    assert decision.scale == ScaleRequest(3, SCALE_UP, decision.scale.message)
 
 
 def test_pending_experiment_that_is_already_placed_is_left_alone() -> None:
     exp = make_exp("a")
-    decision = schedule([make_pool(replicas=2)], [on(exp, "p-1")], [exp], now=NOW)
-    assert decision == Decision(placements=(), scale=(), unplaced={})
+    decision = run(make_pool(replicas=2), [(exp, "p-1")], [exp], now=NOW)
+    assert decision == Decision(placements=(), scale=None, unplaced={})
 
 
 def test_scale_up_asks_for_enough_replicas_capped_at_max() -> None:
     pool = make_pool(replicas=1, slots=2, autoscaling=True, max_replicas=3)
     pending = [make_exp(f"e{i}", created=i) for i in range(9)]
-    decision = schedule([pool], [], pending, now=NOW)
+    decision = run(pool, [], pending, now=NOW)
     assert len(decision.placements) == 2
-    assert [(s.pool, s.replicas, s.reason) for s in decision.scale] == [("p", 3, SCALE_UP)]
+    assert decision.scale is not None and (decision.scale.replicas, decision.scale.reason) == (3, SCALE_UP)
     reasons = {k: u.message for k, u in decision.unplaced.items()}
     assert "scaling pool p up" in reasons["ns/e2"]
     assert "scaling pool p up" in reasons["ns/e5"]
@@ -241,75 +282,73 @@ def test_scale_up_asks_for_enough_replicas_capped_at_max() -> None:
 def test_scale_up_packs_by_memory() -> None:
     pool = make_pool(replicas=0, budget=10 * RANK_BYTES, facts=UNIT_FACTS, autoscaling=True, max_replicas=10)
     pending = [make_exp(f"e{i}", rank=r, created=i) for i, r in enumerate([6, 6, 4, 4, 5])]
-    decision = schedule([pool], [], pending, now=NOW)
+    decision = run(pool, [], pending, now=NOW)
     # best fit into new replicas: [6, 4], [6, 4], [5]
-    assert decision.scale[0].replicas == 3
+    assert decision.scale.replicas == 3
 
 
 def test_starting_replicas_are_coming_capacity_so_the_same_demand_scales_once() -> None:
     pool = make_pool(replicas=1, slots=1, autoscaling=True, max_replicas=5)
     pending = [make_exp(f"e{i}", created=i) for i in range(3)]
-    first = schedule([pool], [], pending, now=NOW)
-    assert first.scale[0].replicas == 3
-    grown = dataclasses.replace(pool, desired_replicas=3)
-    placed = [(e, p) for e in pending for p in first.placements if p.key == e.key]
-    second = schedule([grown], placed, [e for e in pending if e.key in first.unplaced], now=NOW)
-    assert second.placements == () and second.scale == ()
+    first = run(pool, [], pending, now=NOW)
+    assert first.scale.replicas == 3
+    grown = pool.with_spec(replicas=3)
+    placed = [(e, p.replica) for e in pending for p in first.placements if p.key == e.key]
+    second = run(grown, placed, [e for e in pending if e.key in first.unplaced], now=NOW)
+    assert second.placements == () and second.scale is None
 
 
 def test_autoscaling_raises_a_pool_below_min_replicas() -> None:
     pool = make_pool(replicas=0, autoscaling=True, min_replicas=2, max_replicas=4)
-    assert schedule([pool], [], [], now=NOW).scale[0].replicas == 2
+    assert run(pool, [], [], now=NOW).scale.replicas == 2
 
 
 def test_scale_down_removes_only_trailing_idle_replicas_after_the_delay() -> None:
     idle = {1: NOW - 1000, 3: NOW - 1000, 4: NOW - 1000}
     pool = make_pool(replicas=5, idle_since=idle, autoscaling=True, delay=300)
-    placed = [on(make_exp("a"), "p-0"), on(make_exp("b"), "p-2")]
-    decision = schedule([pool], placed, [], now=NOW)
+    placed = [(make_exp("a"), "p-0"), (make_exp("b"), "p-2")]
+    decision = run(pool, placed, [], now=NOW)
     # p-1 is idle too but p-2 above it is busy, and a StatefulSet removes the highest ordinals
-    assert [(s.replicas, s.reason) for s in decision.scale] == [(3, SCALE_DOWN)]
+    assert decision.scale is not None and (decision.scale.replicas, decision.scale.reason) == (3, SCALE_DOWN)
 
 
 def test_scale_down_waits_for_the_delay() -> None:
     pool = make_pool(replicas=2, idle_since={1: NOW - 299}, autoscaling=True, delay=300)
-    assert schedule([pool], [on(make_exp("a"), "p-0")], [], now=NOW).scale == ()
-    assert schedule([pool], [on(make_exp("a"), "p-0")], [], now=NOW + 1).scale[0].replicas == 1
+    assert run(pool, [(make_exp("a"), "p-0")], [], now=NOW).scale is None
+    assert run(pool, [(make_exp("a"), "p-0")], [], now=NOW + 1).scale.replicas == 1
 
 
 def test_scale_down_stops_at_min_replicas() -> None:
     pool = make_pool(replicas=3, idle_since=dict.fromkeys(range(3), 0.0), autoscaling=True, min_replicas=1)
-    assert schedule([pool], [], [], now=NOW).scale[0].replicas == 1
+    assert run(pool, [], [], now=NOW).scale.replicas == 1
 
 
 def test_no_scale_down_while_experiments_wait_or_without_autoscaling() -> None:
     idle = {1: 0.0}
     waiting_pool = make_pool(replicas=2, not_ready=(0,), idle_since=idle, autoscaling=True, max_replicas=2)
-    full_pool = dataclasses.replace(waiting_pool, max_adapters_per_replica=1)
+    full_pool = waiting_pool.with_spec(capacity={"max_adapters_per_replica": 1})
     # p-0 is not ready and p-1 takes one experiment; the second waits, so nothing is removed
-    decision = schedule([full_pool], [], [make_exp("a", created=1), make_exp("b", created=2)], now=NOW)
-    assert decision.scale == ()
+    decision = run(full_pool, [], [make_exp("a", created=1), make_exp("b", created=2)], now=NOW)
+    assert decision.scale is None
     assert where(decision) == {"ns/a": "p-1"}
-    assert schedule([make_pool(replicas=2, idle_since=idle)], [], [], now=NOW).scale == ()
+    assert run(make_pool(replicas=2, idle_since=idle), [], [], now=NOW).scale is None
 
 
 def test_a_replica_that_receives_an_experiment_now_is_not_idle() -> None:
     pool = make_pool(replicas=1, idle_since={0: 0.0}, autoscaling=True)
-    decision = schedule([pool], [], [make_exp("a")], now=NOW)
+    decision = run(pool, [], [make_exp("a")], now=NOW)
     assert where(decision) == {"ns/a": "p-0"}
-    assert decision.scale == ()
+    assert decision.scale is None
 
 
 def test_duplicate_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="listed twice"):
-        schedule([make_pool(), make_pool()], [], [], now=NOW)
-    with pytest.raises(ValueError, match="listed twice"):
-        schedule([make_pool()], [], [make_exp("a"), make_exp("a")], now=NOW)
+        run(make_pool(), [], [make_exp("a"), make_exp("a")], now=NOW)
 
 
-def test_demand_cost_is_none_without_facts() -> None:
-    assert demand_cost(make_pool(facts=None), make_exp("a")) is None
-    cost = demand_cost(make_pool(facts=UNIT_FACTS), make_exp("a", rank=3))
+def test_cost_is_none_without_facts() -> None:
+    assert cost_of(None, make_exp("a")) is None
+    cost = cost_of(UNIT_FACTS, make_exp("a", rank=3))
     assert cost is not None and cost.total_bytes == 3 * RANK_BYTES
 
 
@@ -321,195 +360,164 @@ PROP_FACTS = ModelFacts(
     hidden_size=8,
     num_layers=2,
 )
-POOL_NAMES = ("p0", "p1", "p2")
 TARGETS: list[tuple[str, ...] | str] = [("q_proj",), "all-linear", ("q_proj", "v_proj"), ("bogus",)]
 
 
 @st.composite
-def pool_states(draw: st.DrawFn, name: str) -> PoolState:
+def pools(draw: st.DrawFn) -> Pool:
     desired = draw(st.integers(0, 4))
     observed = draw(st.integers(0, desired + 1))
-    replicas = tuple(
-        ReplicaState(
-            name=f"{name}-{i}",
-            ready=draw(st.booleans()),
-            idle_since=draw(st.sampled_from([None, 0.0, 0.0, NOW - 100, NOW])),
-        )
-        for i in range(observed)
-    )
     min_replicas = draw(st.integers(0, 2))
-    return PoolState(
-        name=name,
-        model_name="tiny",
-        desired_replicas=desired,
-        ready_replicas=sum(r.ready for r in replicas),
-        replicas=replicas,
-        max_adapters_per_replica=draw(st.integers(1, 4)),
-        max_lora_rank=draw(st.sampled_from([8, 16, 64])),
-        adapter_memory_budget=draw(st.sampled_from([None, 8_000, 20_000, 60_000])),
+    pool = make_pool(
+        replicas=desired,
+        observed=observed,
+        not_ready=tuple(i for i in range(observed) if draw(st.booleans())),
+        idle_since={i: draw(st.sampled_from([None, 0.0, 0.0, NOW - 100, NOW])) for i in range(observed)},
+        slots=draw(st.integers(1, 4)),
+        max_rank=draw(st.sampled_from([8, 16, 64])),
+        budget=draw(st.sampled_from([None, 8_000, 20_000, 60_000])),
+        facts=draw(st.sampled_from([None, PROP_FACTS])),
         autoscaling=draw(st.booleans()),
         min_replicas=min_replicas,
-        max_replicas=draw(st.integers(min_replicas, 6)),
-        scale_down_delay_seconds=draw(st.sampled_from([0.0, 50.0, 500.0])),
-        model_facts=draw(st.sampled_from([None, PROP_FACTS])),
+        max_replicas=draw(st.integers(max(min_replicas, 1), 6)),
+        delay=draw(st.sampled_from([0.0, 50.0, 500.0])),
     )
+    return pool
 
 
 @st.composite
-def demands(draw: st.DrawFn, key: str) -> ExperimentDemand:
-    return ExperimentDemand(
-        key=key,
-        pool=draw(st.sampled_from((*POOL_NAMES, *POOL_NAMES, "missing"))),
+def experiments(draw: st.DrawFn, name: str) -> Exp:
+    return make_exp(
+        name,
         rank=draw(st.sampled_from([1, 4, 8, 16, 32, 128])),
-        target_modules=draw(st.sampled_from(TARGETS)),
-        prompts_per_step=draw(st.integers(1, 4)),
-        group_size=draw(st.integers(1, 4)),
-        max_prompt_tokens=draw(st.integers(0, 8)),
-        max_new_tokens=draw(st.integers(0, 8)),
+        modules=draw(st.sampled_from(TARGETS)),
+        prompts=draw(st.integers(1, 4)),
+        group=draw(st.integers(2, 4)),
+        prompt_tokens=draw(st.integers(1, 8)),
+        new_tokens=draw(st.integers(1, 8)),
         priority=draw(st.integers(0, 2)),
         created=draw(st.integers(0, 5)),
     )
 
 
-World = tuple[list[PoolState], list[tuple[ExperimentDemand, Placement]], list[ExperimentDemand]]
+World = tuple[Pool, list[tuple[Exp, str]], list[Exp]]
 
 
 @st.composite
 def worlds(draw: st.DrawFn) -> World:
-    pools = [draw(pool_states(n)) for n in POOL_NAMES if draw(st.integers(0, 5)) > 0]
-    placed: list[tuple[ExperimentDemand, Placement]] = []
-    for i in range(draw(st.integers(0, 8))):
-        demand = draw(demands(f"ns/placed-{i}"))
-        replica = f"{demand.pool}-{draw(st.integers(0, 4))}"
-        placed.append((demand, Placement(demand.key, demand.pool, replica)))
-    pending = [draw(demands(f"ns/e{i}")) for i in range(draw(st.integers(0, 14)))]
-    return pools, placed, pending
+    pool = draw(pools())
+    placed = [
+        (draw(experiments(f"placed-{i}")), f"p-{draw(st.integers(0, 4))}")
+        for i in range(draw(st.integers(0, 8)))
+    ]
+    pending = [draw(experiments(f"e{i}")) for i in range(draw(st.integers(0, 14)))]
+    return pool, placed, pending
 
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def usage(pool: PoolState, placed: list[tuple[ExperimentDemand, Placement]]) -> dict[str, tuple[int, int]]:
-    """(slots, bytes) per replica of a pool."""
+def usage(pool: Pool, placed: list[tuple[Exp, str]]) -> dict[str, tuple[int, int]]:
+    """(slots, bytes) per replica."""
     out: dict[str, tuple[int, int]] = {}
-    for demand, placement in placed:
-        if placement.pool == pool.name:
-            cost = demand_cost(pool, demand)
-            slots, used = out.get(placement.replica, (0, 0))
-            out[placement.replica] = (slots + 1, used + (cost.total_bytes if cost else 0))
+    for exp, replica in placed:
+        cost = cost_of(pool.facts, exp)
+        slots, used = out.get(replica, (0, 0))
+        out[replica] = (slots + 1, used + (cost.total_bytes if cost else 0))
     return out
 
 
 def applied(world: World, decision: Decision) -> World:
     """The world after a decision was carried out (added replicas exist but are not ready yet)."""
-    pools, placed, pending = world
-    by_key = {d.key: d for d in pending}
-    scaled = {s.pool: s.replicas for s in decision.scale}
-    new_pools = []
-    for pool in pools:
-        desired = scaled.get(pool.name, pool.desired_replicas)
-        added = {f"{pool.name}-{i}" for i in range(pool.desired_replicas, desired)}
+    pool, placed, pending = world
+    by_key = {e.key: e for e in pending}
+    desired = pool.pool.spec.replicas
+    if decision.scale is not None:
+        added = {f"{pool.name}-{i}" for i in range(desired, decision.scale.replicas)}
         # a StatefulSet recreates a replica it is still removing, so that one is not ready either
         replicas = tuple(dataclasses.replace(r, ready=r.ready and r.name not in added) for r in pool.replicas)
-        new_pools.append(dataclasses.replace(pool, desired_replicas=desired, replicas=replicas))
-    new_placed = placed + [(by_key[p.key], p) for p in decision.placements]
+        pool = dataclasses.replace(pool.with_spec(replicas=decision.scale.replicas), replicas=replicas)
+    new_placed = placed + [(by_key[p.key], p.replica) for p in decision.placements]
     placed_now = {p.key for p in decision.placements}
-    return new_pools, new_placed, [d for d in pending if d.key not in placed_now]
+    return pool, new_placed, [e for e in pending if e.key not in placed_now]
 
 
 @PROPERTY
 @given(worlds())
 def test_every_pending_experiment_is_placed_once_or_has_a_reason(world: World) -> None:
-    pools, placed, pending = world
-    decision = schedule(pools, placed, pending, now=NOW)
+    pool, placed, pending = world
+    decision = run(pool, placed, pending)
     placed_keys = [p.key for p in decision.placements]
     assert len(placed_keys) == len(set(placed_keys))
     assert set(placed_keys).isdisjoint(decision.unplaced)
-    assert set(placed_keys) | set(decision.unplaced) == {d.key for d in pending}
+    assert set(placed_keys) | set(decision.unplaced) == {e.key for e in pending}
     assert all(u.reason and u.message for u in decision.unplaced.values())
 
 
 @PROPERTY
 @given(worlds())
 def test_new_placements_respect_every_limit(world: World) -> None:
-    pools, placed, pending = world
-    decision = schedule(pools, placed, pending, now=NOW)
-    by_key = {d.key: d for d in pending}
-    pools_by_name = {p.name: p for p in pools}
-    after = placed + [(by_key[p.key], p) for p in decision.placements]
+    pool, placed, pending = world
+    decision = run(pool, placed, pending)
+    by_key = {e.key: e for e in pending}
+    after = placed + [(by_key[p.key], p.replica) for p in decision.placements]
+    spec = pool.pool.spec
+    budget = spec.capacity.adapter_memory_budget_bytes
     for placement in decision.placements:
-        demand, pool = by_key[placement.key], pools_by_name[placement.pool]
-        assert demand.pool == pool.name
-        assert demand.rank <= pool.max_lora_rank
+        exp = by_key[placement.key]
+        assert exp.spec.lora.rank <= spec.capacity.max_lora_rank
         ordinal = int(placement.replica.rsplit("-", 1)[1])
-        assert ordinal < pool.desired_replicas
+        assert ordinal < spec.replicas
         assert any(r.name == placement.replica and r.ready for r in pool.replicas)
         slots, used = usage(pool, after)[placement.replica]
-        assert slots <= pool.max_adapters_per_replica
-        if pool.adapter_memory_budget is not None and pool.model_facts is not None:
-            assert used <= pool.adapter_memory_budget
-    for request in decision.scale:
-        pool = pools_by_name[request.pool]
-        assert pool.autoscaling
+        assert slots <= spec.capacity.max_adapters_per_replica
+        if budget is not None and pool.facts is not None:
+            assert used <= budget
+    request = decision.scale
+    if request is not None:
+        assert spec.autoscaling.enabled
         if request.reason == SCALE_UP:
-            assert pool.desired_replicas < request.replicas <= pool.max_replicas
+            assert spec.replicas < request.replicas <= spec.autoscaling.max_replicas
         else:
-            assert pool.min_replicas <= request.replicas < pool.desired_replicas
+            assert spec.autoscaling.min_replicas <= request.replicas < spec.replicas
 
 
 @PROPERTY
 @given(worlds(), st.randoms(use_true_random=False))
 def test_deterministic_under_input_shuffles(world: World, rnd: random.Random) -> None:
-    pools, placed, pending = world
-    expected = schedule(pools, placed, pending, now=NOW)
-    shuffled_pools = [
-        dataclasses.replace(p, replicas=tuple(rnd.sample(p.replicas, len(p.replicas)))) for p in pools
-    ]
-    for items in (shuffled_pools, placed, pending):
+    pool, placed, pending = world
+    expected = run(pool, placed, pending)
+    shuffled = dataclasses.replace(pool, replicas=tuple(rnd.sample(pool.replicas, len(pool.replicas))))
+    for items in (placed, pending):
         rnd.shuffle(items)
-    assert schedule(shuffled_pools, placed, pending, now=NOW) == expected
+    assert run(shuffled, placed, pending) == expected
 
 
 @PROPERTY
 @given(worlds())
 def test_idempotent_once_applied(world: World) -> None:
-    decision = schedule(*world, now=NOW)
-    again = schedule(*applied(world, decision), now=NOW)
+    decision = run(*world)
+    again = run(*applied(world, decision))
     assert again.placements == ()
-    assert again.scale == ()
+    assert again.scale is None
 
 
 @PROPERTY
-@given(worlds(), demands("ns/latecomer"))
-def test_a_newer_lower_priority_experiment_changes_no_other_placement(
-    world: World, late: ExperimentDemand
-) -> None:
-    pools, placed, pending = world
-    late = dataclasses.replace(late, priority=-1, created=100)
-    before = schedule(pools, placed, pending, now=NOW)
-    after = schedule(pools, placed, [*pending, late], now=NOW)
+@given(worlds(), experiments("latecomer"))
+def test_a_newer_lower_priority_experiment_changes_no_other_placement(world: World, late: Exp) -> None:
+    pool, placed, pending = world
+    late = Exp(late.name, late.spec.model_copy(update={"priority": -1}), created=100)
+    before = run(pool, placed, pending)
+    after = run(pool, placed, [*pending, late])
     assert [p for p in after.placements if p.key != late.key] == list(before.placements)
-
-
-@PROPERTY
-@given(worlds(), demands("ns/solo"))
-def test_an_experiment_of_another_pool_changes_nothing_else(world: World, solo: ExperimentDemand) -> None:
-    pools, placed, pending = world
-    solo = dataclasses.replace(solo, pool="solo", rank=1)
-    before = schedule(pools, placed, pending, now=NOW)
-    after = schedule([*pools, make_pool("solo")], placed, [*pending, solo], now=NOW)
-    assert Placement("ns/solo", "solo", "solo-0") in after.placements
-    assert [p for p in after.placements if p.key != "ns/solo"] == list(before.placements)
-    assert {k: v for k, v in after.unplaced.items() if k != "ns/solo"} == before.unplaced
-    assert after.scale == before.scale
 
 
 @PROPERTY
 @given(worlds())
 def test_placed_experiments_never_move(world: World) -> None:
-    pools, placed, pending = world
+    pool, placed, pending = world
     # offer every placed experiment again as pending: none of them may be placed anew
-    decision = schedule(pools, placed, pending + [d for d, _ in placed], now=NOW)
-    placed_keys = {d.key for d, _ in placed}
+    decision = run(pool, placed, pending + [e for e, _ in placed])
+    placed_keys = {e.key for e, _ in placed}
     assert placed_keys.isdisjoint(p.key for p in decision.placements)
     assert placed_keys.isdisjoint(decision.unplaced)

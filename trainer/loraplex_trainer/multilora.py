@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-ALL_LINEAR = "all-linear"
+from loraplex_api.experiment import ALL_LINEAR
 
 
 @dataclass(frozen=True)

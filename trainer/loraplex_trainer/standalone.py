@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from loraplex_api import LoRAExperiment, ManifestError, SharedBasePool, load_manifests
+from loraplex_api import LoRAExperiment, ManifestError, SharedBasePool, load_manifests, rank_problem
 
 from .experiment import Experiment, State
 from .loop import Trainer
@@ -43,11 +43,9 @@ def select(files: Sequence[str]) -> tuple[SharedBasePool, list[tuple[LoRAExperim
                 f"LoRAExperiment/{exp.metadata.name}: spec.poolRef.name: {exp.spec.pool_ref.name!r} "
                 f"is not the pool in these files ({pool.metadata.name!r})"
             )
-        if exp.spec.lora.rank > pool.spec.capacity.max_lora_rank:
-            raise SetupError(
-                f"LoRAExperiment/{exp.metadata.name}: spec.lora.rank: {exp.spec.lora.rank} exceeds pool "
-                f"{pool.metadata.name} capacity.maxLoRARank {pool.spec.capacity.max_lora_rank}"
-            )
+        too_large = rank_problem(exp.metadata.name, exp.spec.lora.rank, pool)
+        if too_large is not None:
+            raise SetupError(str(too_large))
     if not experiments:
         raise SetupError(f"no LoRAExperiment references pool {pool.metadata.name!r}")
     names = [e.metadata.name for e, _ in experiments]
