@@ -6,7 +6,7 @@ would see an experiment as still pending and place it twice. The ledger
 remembers what the operator last wrote to each object's operator-owned fields
 and lays it over the observed object until the watch shows the write (the
 same idea as the "expectations" of Kubernetes' own controllers). Only the
-operator writes those fields (DESIGN.md: who writes what), so its own last
+operator writes those fields (docs/architecture.md, who writes what), so its own last
 write is the truth for them.
 """
 

@@ -88,7 +88,7 @@ def operator_container(docs: list[Manifest]) -> Manifest:
     return container
 
 
-# What the operator does in a namespace it serves (DESIGN.md, "Who writes what" and "The flow").
+# What the operator does in a namespace it serves (docs/architecture.md, "Who writes what" and "The flow").
 OPERATOR_NEEDS = [
     *[
         ("loraplex.dev", r, v)

@@ -1,6 +1,6 @@
 """The Dockerfiles, read statically (no Docker here): what each image installs, as whom, and what it runs.
 
-The operator image must not need torch (DESIGN.md): it installs only the `operator` extra, and no
+The operator image must not need torch (docs/architecture.md): it installs only the `operator` extra, and no
 module of loraplex_api or loraplex_operator imports the trainer's stack at import time.
 """
 

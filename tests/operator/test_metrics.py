@@ -1,4 +1,4 @@
-"""Tests for the operator metrics: names from DESIGN.md, values, and removal of a deleted pool's series."""
+"""Tests for the operator metrics: names from docs/architecture.md, values, and removal of a deleted pool's series."""
 
 from __future__ import annotations
 

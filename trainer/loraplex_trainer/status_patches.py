@@ -1,6 +1,6 @@
 """What a trainer replica writes to the API server, as merge-patch bodies built from plain data.
 
-A replica writes only its own fields (DESIGN.md, "Who writes what"):
+A replica writes only its own fields (docs/architecture.md, who writes what):
 ``status.training`` and ``status.adapter.candidate`` of the experiments placed on it, and
 ``status.model`` of its pool. Each patch here is a whole value of one of those fields, with
 ``None`` where a value is gone, so a JSON merge patch leaves nothing stale behind and never
