@@ -20,7 +20,7 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
-from loraplex_api.wire import API_VERSION, EXPERIMENT_PLURAL, POOL_PLURAL
+from loraplex_api.wire import API_VERSION, EXPERIMENT_KIND, EXPERIMENT_PLURAL, POOL_KIND, POOL_PLURAL
 
 from .events import Event
 from .kube import ApiError, object_path, path_of
@@ -39,12 +39,12 @@ TRANSIENT = (ApiError, aiohttp.ClientError, asyncio.TimeoutError)
 
 def experiment_key(namespace: str, name: str) -> tuple[str, str, str]:
     """The ledger key of an experiment."""
-    return ("LoRAExperiment", namespace, name)
+    return (EXPERIMENT_KIND, namespace, name)
 
 
 def pool_key(namespace: str, name: str) -> tuple[str, str, str]:
     """The ledger key of a pool."""
-    return ("SharedBasePool", namespace, name)
+    return (POOL_KIND, namespace, name)
 
 
 class PoolController:
@@ -113,14 +113,14 @@ class PoolController:
             if not view.deleting:
                 await self._write_pool(view, plan)
         except TRANSIENT as error:
-            runtime.metrics.reconciled("SharedBasePool", ok=False)
+            runtime.metrics.reconciled(POOL_KIND, ok=False)
             logger.warning("pool pass failed namespace=%s pool=%s error=%s", self.namespace, self.name, error)
             return None
         except Exception:
-            runtime.metrics.reconciled("SharedBasePool", ok=False)
+            runtime.metrics.reconciled(POOL_KIND, ok=False)
             logger.exception("pool pass crashed namespace=%s pool=%s", self.namespace, self.name)
             return None
-        runtime.metrics.reconciled("SharedBasePool", ok=True)
+        runtime.metrics.reconciled(POOL_KIND, ok=True)
         logger.debug(
             "pool pass namespace=%s pool=%s experiments=%d seconds=%.3f",
             self.namespace,
@@ -267,12 +267,12 @@ async def write_experiment(runtime: Runtime, plan: ExperimentPlan) -> None:
                 return
             runtime.ledger.record(key, {"metadata": plan.metadata_patch})
     except TRANSIENT as error:
-        runtime.metrics.reconciled("LoRAExperiment", ok=False)
+        runtime.metrics.reconciled(EXPERIMENT_KIND, ok=False)
         logger.warning(
             "experiment write failed namespace=%s name=%s error=%s", exp.namespace, exp.name, error
         )
         return
-    runtime.metrics.reconciled("LoRAExperiment", ok=True)
+    runtime.metrics.reconciled(EXPERIMENT_KIND, ok=True)
     if plan.waited is not None and plan.owned.placement is not None:
         runtime.metrics.placed_after(plan.waited)
         logger.info(

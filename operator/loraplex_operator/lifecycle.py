@@ -34,6 +34,7 @@ from typing import Literal
 from loraplex_api import AdapterRevision, Condition, Problem
 from loraplex_api.experiment import Phase, Placement, TrainingStatus
 from loraplex_api.pool import SharedBasePool
+from loraplex_api.wire import EXPERIMENT_KIND
 
 from . import scheduler
 from .clock import from_rfc3339, to_rfc3339
@@ -303,7 +304,7 @@ def settle(
             ),
         )
     if outcome is not None and outcome.reason in scheduler.UNFIT_REASONS:
-        problem = Problem("LoRAExperiment", exp.name, "", outcome.message)
+        problem = Problem(EXPERIMENT_KIND, exp.name, "", outcome.message)
         return _failed(exp, verdict, INVALID_SPEC, describe([problem]), now)
     reason, message = (
         (outcome.reason, outcome.message)
