@@ -128,6 +128,15 @@ def test_train_rejects_bad_manifests_before_loading_anything(
         in capsys.readouterr().err
     )
 
+    docs[1]["spec"]["poolRef"]["name"] = "tiny"
+    docs[0]["spec"]["capacity"] = {"maxLoRARank": 2}
+    file.write_text(yaml.safe_dump_all(docs))
+    assert main(["train", str(file), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("LoRAExperiment/")  # one line, the first experiment over it
+    assert "spec.lora.rank: 4 exceeds pool tiny capacity.maxLoRARank 2" in err
+    assert not (tmp_path / "out").exists()
+
 
 def test_a_failing_experiment_makes_the_run_exit_nonzero_but_others_finish(
     tmp_path: Path, tiny_model_dir: Path
