@@ -274,6 +274,10 @@ class Agent:
             self.hosted[assignment.name] = Hosted(
                 assignment, candidate_step=candidate.step if candidate is not None else None
             )
+        for assignment in selection.assigned:  # promotion moves on while an adapter trains
+            hosted = self.hosted.get(assignment.name)
+            if hosted is not None and hosted.experiment is not None:
+                hosted.experiment.pinned_revisions = assignment.pinned
         for hosted in list(self.hosted.values()):
             if hosted.experiment is None:
                 self._start(hosted)
@@ -292,7 +296,10 @@ class Agent:
             self._report(hosted)
             return
         exp = Experiment(
-            name=name, spec=spec, out_dir=self.config.storage / experiment_folder(self.config.namespace, name)
+            name=name,
+            spec=spec,
+            out_dir=self.config.storage / experiment_folder(self.config.namespace, name),
+            pinned_revisions=hosted.assignment.pinned,
         )
         hosted.experiment = exp
         self._report(hosted, force=True)  # Loading, while data and reward are read

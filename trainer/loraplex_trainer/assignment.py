@@ -50,6 +50,8 @@ class Assignment:
     """A digest of the training fields of the spec: a change means the adapter must be reloaded."""
     candidate: AdapterRevision | None = None
     """What ``status.adapter.candidate`` says already, so a restarted replica does not write it again."""
+    pinned: frozenset[str] = frozenset()
+    """The revisions (checkpoint folder names) that candidate, promoted and previous point to."""
 
     @property
     def key(self) -> tuple[str | None, str]:
@@ -106,9 +108,20 @@ def select(objects: Iterable[Mapping[str, Any]], *, pool: str, replica: str) -> 
                 spec=exp.spec,
                 fingerprint=fingerprint(exp.spec),
                 candidate=exp.status.adapter.candidate if exp.status.adapter else None,
+                pinned=pinned_revisions(exp),
             )
         )
     return Selection(sorted(assigned, key=lambda a: a.name), invalid, skipped)
+
+
+def pinned_revisions(exp: LoRAExperiment) -> frozenset[str]:
+    """Checkpoint folders the experiment's status points to: pruning must keep them."""
+    adapter = exp.status.adapter
+    if adapter is None:
+        return frozenset()
+    return frozenset(
+        r.revision for r in (adapter.candidate, adapter.promoted, adapter.previous) if r is not None
+    )
 
 
 def not_placed_here(raw: Mapping[str, Any], *, pool: str, replica: str) -> str | None:

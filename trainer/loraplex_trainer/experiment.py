@@ -53,6 +53,8 @@ class Experiment:
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_reward: float | None = None
     wall_seconds: float = 0.0  # training time accumulated over all runs (resumes add to it)
+    pinned_revisions: frozenset[str] = frozenset()
+    """Checkpoint folders something points to (candidate, promoted, previous): never pruned."""
 
     @property
     def active(self) -> bool:
@@ -110,14 +112,31 @@ class Experiment:
             f.write(json.dumps(metrics) + "\n")
 
     def truncate_history(self, step: int) -> None:
-        """Forget metrics after ``step`` (a resumed run repeats them), in memory and on disk."""
+        """Forget metrics after ``step`` (a resumed run repeats them), in memory and on disk.
+
+        A line a crash cut short (or anything else that is not one JSON object) is dropped with a
+        warning, so a damaged tail never stops a resume.
+        """
         path = self.out_dir / "metrics.jsonl"
-        if path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.history = [m for m in lines if m.get("step", 0) <= step]
-            path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
-        else:
-            self.history = []
+        self.history = []
+        if not path.exists():
+            return
+        dropped = 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                metrics = json.loads(line)
+            except ValueError:
+                dropped += bool(line.strip())
+                continue
+            if isinstance(metrics, dict) and isinstance(metrics.get("step"), int) and metrics["step"] <= step:
+                self.history.append(metrics)
+            elif not isinstance(metrics, dict):
+                dropped += 1
+        if dropped:
+            log.warning(
+                "event=metrics_truncated experiment=%s path=%s dropped_lines=%d", self.name, path, dropped
+            )
+        path.write_text("".join(json.dumps(m) + "\n" for m in self.history))
 
     def close(self) -> None:
         """Stop the reward worker, if any."""

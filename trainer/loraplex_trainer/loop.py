@@ -28,7 +28,15 @@ import torch
 
 from .adapters import MultiLoRAModel
 from .batches import LossReport, Planned, Rollout, Rollouts, Scored, TrainBatch, TrainRow
-from .checkpoint import CheckpointState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    CheckpointMismatch,
+    CheckpointState,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+    set_aside,
+)
 from .datasets import DatasetError, render_prompt
 from .experiment import Experiment, State, request_seed
 from .forward_backward import forward_backward
@@ -127,7 +135,12 @@ class Trainer:
         experiment.optimizer = AdapterOptimizer(
             self.model.adapter_parameters(name), experiment.optimizer_config
         )
-        self._resume(experiment)
+        try:
+            self._resume(experiment)
+        except CheckpointError as exc:  # none intact, or one that does not fit a changed spec
+            experiment.fail(f"resume: {exc}")
+            self.remove(name)
+            return
         experiment.state = State.RUNNING
         self.engine.sync_adapter(name)
         if experiment.step >= experiment.total_steps:
@@ -135,14 +148,22 @@ class Trainer:
         log.info("event=experiment_added experiment=%s step=%d", name, experiment.step)
 
     def _resume(self, experiment: Experiment) -> None:
-        path = latest_checkpoint(experiment.checkpoint_root)
-        if path is None:
-            experiment.truncate_history(0)
-            return
+        """Continue from the newest intact checkpoint; damaged ones are set aside on the way."""
         assert experiment.optimizer is not None and experiment.sampler is not None
-        state = load_checkpoint(
-            path, model=self.model, adapter=experiment.name, optimizer=experiment.optimizer
-        )
+        while True:
+            path = resume_point(experiment.checkpoint_root)
+            if path is None:
+                experiment.truncate_history(0)
+                return
+            try:
+                state = load_checkpoint(
+                    path, model=self.model, adapter=experiment.name, optimizer=experiment.optimizer
+                )
+                break
+            except CheckpointMismatch:
+                raise
+            except CheckpointError as exc:  # verified, yet unreadable: written by someone else
+                set_aside(path, str(exc))
         experiment.step = state.step
         experiment.sampler.load_state_dict(state.sampler)
         experiment.wall_seconds = float(state.extra.get("wall_seconds", 0.0))
@@ -417,6 +438,7 @@ class Trainer:
                 ),
                 base_model_name_or_path=self.base.uri,
                 keep_last=exp.spec.checkpoint.keep_last,
+                keep=exp.pinned_revisions,
             )
 
     def _finish(self, exp: Experiment, timings: Timings) -> None:
