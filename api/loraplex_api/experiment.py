@@ -304,7 +304,8 @@ class LoRAExperimentSpec(CamelModel):
 
 
 Phase = Literal["Pending", "Placed", "Training", "Suspended", "Succeeded", "Failed"]
-TrainingState = Literal["Loading", "Running", "Completed", "Failed"]
+TrainingState = Literal["Loading", "Running", "Interrupted", "Completed", "Failed"]
+"""Interrupted: the replica stopped on a signal after checkpointing; the experiment resumes elsewhere."""
 
 
 class Placement(StatusModel):

@@ -260,6 +260,15 @@ def training_condition(
         want = Want(
             TRAINING, "False", "Loading", training.message or f"replica {replica} is loading the adapter"
         )
+    elif training.state == "Interrupted":
+        # The replica stopped on a signal after a checkpoint; it or its successor resumes the adapter.
+        last = heartbeat or placed_at
+        want = Want(
+            TRAINING,
+            "False",
+            "Interrupted",
+            f"replica {replica} stopped on a signal after checkpointing; training resumes from that checkpoint",
+        )
     else:
         last, want = (
             heartbeat or placed_at,

@@ -168,7 +168,7 @@ def _pod_template(pool: SharedBasePool, default_service_account: str | None) -> 
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
-        # Time for the trainer to write a last checkpoint of every adapter on SIGTERM.
+        # On SIGTERM the agent finishes the step in flight and checkpoints every adapter (shutdown.py).
         "terminationGracePeriodSeconds": 120,
         "securityContext": {
             "runAsNonRoot": True,

@@ -184,6 +184,20 @@ def test_trainer_reports_become_conditions_and_completion_frees_the_slot() -> No
     assert reasons == {"a": ["Succeeded"], "b": ["Placed"]}
 
 
+def test_an_interrupted_report_keeps_the_slot_and_says_training_stopped() -> None:
+    world = World(pool_body(), [exp_body("a")], [pod_body(0)])
+    world.step()
+    world.trainer_reports("a", state="Running", step=3, lastHeartbeatTime=stamp(NOW + 1))
+    world.step(NOW + 2)
+    message = "stopped by SIGTERM at step 3; resumes from checkpoint step-00000003"
+    world.trainer_reports("a", state="Interrupted", step=3, message=message, lastHeartbeatTime=stamp(NOW + 3))
+    world.step(NOW + 4)
+    training = world.condition("a", "Training")
+    assert training is not None and (training["status"], training["reason"]) == ("False", "Interrupted")
+    assert world.status("a")["placement"]["replica"] == "p-0"  # not finished: its replica resumes it
+    assert world.status("a")["phase"] != "Succeeded"
+
+
 def test_silence_makes_training_unknown() -> None:
     world = World(pool_body(), [exp_body("a")], [pod_body(0)])
     world.step()

@@ -31,13 +31,19 @@ from loraplex_trainer.experiment import Experiment, State
 from loraplex_trainer.loop import Trainer
 from loraplex_trainer.model_host import BaseModel
 
-from .test_loop import run, spec, workdir  # noqa: F401  (workdir is a fixture)
+from .test_loop import VOWELS, run, spec
 
 WEIGHTS = "adapter_model.safetensors"
 
 
 @pytest.fixture
-def trained(tiny_base: BaseModel, workdir: Path) -> tuple[Trainer, Experiment]:  # noqa: F811
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "vowels.py").write_text(VOWELS)
+    return tmp_path
+
+
+@pytest.fixture
+def trained(tiny_base: BaseModel, workdir: Path) -> tuple[Trainer, Experiment]:
     """One experiment trained 4 steps with a checkpoint every 2 (step-2 and step-4 kept)."""
     trainer = Trainer(tiny_base)
     exp = Experiment("a", spec(**{"checkpoint.keepLast": 3}), workdir / "out" / "a")
@@ -47,7 +53,7 @@ def trained(tiny_base: BaseModel, workdir: Path) -> tuple[Trainer, Experiment]: 
     return trainer, exp
 
 
-def resumed(tiny_model_dir: Path, workdir: Path, **overrides: object) -> Experiment:  # noqa: F811
+def resumed(tiny_model_dir: Path, workdir: Path, **overrides: object) -> Experiment:
     """The same experiment added to a fresh trainer with more steps to go: where does it resume?"""
     from loraplex_trainer.model_host import load_base_model
 
@@ -61,7 +67,7 @@ def resumed(tiny_model_dir: Path, workdir: Path, **overrides: object) -> Experim
 def test_round_trip_is_exact_and_holds_no_pickle(
     trained: tuple[Trainer, Experiment],
     tiny_model_dir: Path,
-    workdir: Path,  # noqa: F811
+    workdir: Path,
 ) -> None:
     _, exp = trained
     path = checkpoint_dir(exp.checkpoint_root, 4)
@@ -81,7 +87,7 @@ def test_a_pickle_in_place_of_the_optimizer_state_is_refused_and_never_run(
     trained: tuple[Trainer, Experiment],
     tiny_model_dir: Path,
     workdir: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     _, exp = trained
     marker = tmp_path / "pwned"
@@ -135,7 +141,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(
     damage: Callable[[Path], None],
     trained: tuple[Trainer, Experiment],
     tiny_model_dir: Path,
-    workdir: Path,  # noqa: F811
+    workdir: Path,
 ) -> None:
     _, exp = trained
     damage(checkpoint_dir(exp.checkpoint_root, 4))
@@ -151,7 +157,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_used(
 def test_when_no_checkpoint_verifies_only_that_experiment_fails_naming_the_folder(
     trained: tuple[Trainer, Experiment],
     tiny_model_dir: Path,
-    workdir: Path,  # noqa: F811
+    workdir: Path,
 ) -> None:
     _, exp = trained
     for step in (2, 4):
@@ -165,7 +171,7 @@ def test_when_no_checkpoint_verifies_only_that_experiment_fails_naming_the_folde
 def test_a_checkpoint_that_does_not_fit_a_changed_rank_fails_the_experiment_and_is_kept(
     trained: tuple[Trainer, Experiment],
     tiny_model_dir: Path,
-    workdir: Path,  # noqa: F811
+    workdir: Path,
 ) -> None:
     _, exp = trained
     again = resumed(tiny_model_dir, workdir, **{"lora.rank": 8})
@@ -220,7 +226,7 @@ def test_rewriting_a_step_keeps_the_old_folder_until_the_new_one_is_in_place(
     assert not [p for p in exp.checkpoint_root.iterdir() if p.name.startswith(".")]
 
 
-def test_pruning_keeps_the_revisions_status_points_to(tiny_base: BaseModel, workdir: Path) -> None:  # noqa: F811
+def test_pruning_keeps_the_revisions_status_points_to(tiny_base: BaseModel, workdir: Path) -> None:
     trainer = Trainer(tiny_base)
     exp = Experiment(
         "a",

@@ -11,8 +11,10 @@ answer ``/readyz``. Until SIGTERM, one loop:
            state change, ``status.adapter.candidate`` after each new checkpoint -
            :mod:`.status_patches` builds the patches
 
-SIGTERM stops the loop after the current step: the checkpoints on the shared storage are
-where the next replica resumes. Kubernetes access lives in :mod:`.cluster`.
+SIGTERM (or SIGINT) stops the loop after the current step; every adapter is then
+checkpointed at its step and reported ``Interrupted``, so the next replica resumes it losing
+at most the step in flight. A second signal exits at once. Kubernetes access lives in
+:mod:`.cluster`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import argparse
 import logging
 import math
 import os
-import signal
 import socket
 import threading
 import time
@@ -52,6 +53,7 @@ from .health import HealthServer
 from .loop import Trainer
 from .metrics import TrainerMetrics, accelerator_bytes, resident_bytes, tensor_bytes
 from .model_host import load_base_model, resolve_device, resolve_dtype
+from .shutdown import GracefulStop
 from .status_patches import (
     candidate_revision,
     experiment_status_patch,
@@ -137,6 +139,7 @@ class Agent:
         self.registry = registry
         self.metrics = TrainerMetrics(registry)
         self.stop_event = stop or threading.Event()
+        self.shutdown = GracefulStop(self.stop_event)
         self.ready = threading.Event()
         self.writer = StatusWriter(cluster, heartbeat_seconds=config.heartbeat_seconds)
         self.hosted: dict[str, Hosted] = {}
@@ -148,9 +151,9 @@ class Agent:
         self._base_bytes = 0
         self._invalid_logged: set[tuple[str, str]] = set()
 
-    def stop(self) -> None:
-        """Stop after the current step (signal handlers and tests call this)."""
-        self.stop_event.set()
+    def stop(self, reason: str = "stopped") -> None:
+        """Stop after the current step, then checkpoint and report every adapter Interrupted."""
+        self.shutdown.request(reason)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -168,6 +171,7 @@ class Agent:
             self.trainer = self._load_base_model(pool)
             self.ready.set()
             self._loop()
+            self._interrupt()
             return 0
         except Exception:
             log.exception("event=agent_failed pool=%s replica=%s", self.config.pool, self.config.replica)
@@ -242,6 +246,15 @@ class Agent:
             else:
                 self.stop_event.wait(max(0.0, next_sync - time.monotonic()))
             self._report_all()
+
+    def _interrupt(self) -> None:
+        """Checkpoint every training adapter at its step and report it Interrupted (a drain, a scale-down)."""
+        if self.trainer is None:
+            return
+        for exp in self.trainer.interrupt(self.shutdown.reason or "stopped"):
+            hosted = self.hosted.get(exp.name)
+            if hosted is not None and hosted.experiment is exp:
+                self._report(hosted, force=True)  # state Interrupted, and the checkpoint as candidate
 
     def _close_adapters(self) -> None:
         """Free the adapters and stop their reward workers; the checkpoints stay for the next replica."""
@@ -437,11 +450,9 @@ def run(args: argparse.Namespace) -> int:
         log.error("event=kube_config_missing error=%r", str(exc))
         return 1
     agent = Agent(config, cluster, CollectorRegistry())
-    # Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds: finishing
-    # the current step is the graceful part; the newest checkpoint is the resume point.
-    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, _frame: agent.stop())
+    # Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds: the agent
+    # finishes the step in flight, checkpoints every adapter and reports it Interrupted.
+    agent.shutdown.install()
     try:
         return agent.run()
     finally:

@@ -89,6 +89,11 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def has_checkpoint(root: Path, step: int) -> bool:
+    """Whether a completed checkpoint of ``step`` exists (its manifest is there; not verified)."""
+    return (checkpoint_dir(root, step) / MANIFEST_FILE).is_file()
+
+
 def saved_extra(path: Path) -> dict[str, Any]:
     """What the trainer saved beside the tensors of a checkpoint (eval reward, wall seconds).
 

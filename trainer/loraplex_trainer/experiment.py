@@ -26,6 +26,8 @@ class State(str, enum.Enum):
 
     LOADING = "Loading"
     RUNNING = "Running"
+    INTERRUPTED = "Interrupted"
+    """Stopped by a signal after a checkpoint of its current step; the next run resumes it."""
     COMPLETED = "Completed"
     FAILED = "Failed"
 

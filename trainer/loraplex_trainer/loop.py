@@ -32,6 +32,7 @@ from .checkpoint import (
     CheckpointError,
     CheckpointMismatch,
     CheckpointState,
+    has_checkpoint,
     load_checkpoint,
     resume_point,
     save_checkpoint,
@@ -184,6 +185,35 @@ class Trainer:
             self.engine.remove_adapter(name)
         experiment.optimizer = None
         experiment.close()
+
+    def interrupt(self, reason: str) -> list[Experiment]:
+        """Checkpoint every active experiment at its current step, mark it Interrupted and remove it.
+
+        What a SIGTERM ends with: the next run (or replica) resumes each from this checkpoint, so
+        at most the step in flight when the signal came is lost. Returns the experiments stopped.
+        """
+        stopped = self.active
+        timings = Timings()
+        for exp in stopped:
+            try:
+                if exp.step > 0 and not has_checkpoint(exp.checkpoint_root, exp.step):
+                    self._checkpoint(exp, timings)
+                resumes = f"checkpoint step-{exp.step:08d}" if exp.step > 0 else "the start"
+                exp.message = f"{reason} at step {exp.step}; resumes from {resumes}"
+            except OSError as exc:  # e.g. the disk filled up: say what is lost, still stop cleanly
+                exp.message = (
+                    f"{reason} at step {exp.step}; its checkpoint failed ({exc}), resumes from an older one"
+                )
+                log.error("event=interrupt_checkpoint_failed experiment=%s error=%s", exp.name, exc)
+            exp.state = State.INTERRUPTED
+            self.remove(exp.name)
+        log.info(
+            "event=interrupted experiments=%d checkpoint_s=%.2f reason=%r",
+            len(stopped),
+            timings.checkpoint,
+            reason,
+        )
+        return stopped
 
     @property
     def active(self) -> list[Experiment]:

@@ -20,6 +20,7 @@ from .experiment import Experiment, State
 from .loop import Trainer
 from .model_host import load_base_model, resolve_device, resolve_dtype
 from .report import RunTotals, plot_rewards, write_summary
+from .shutdown import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ def progress_table(experiments: Sequence[Experiment], totals: RunTotals, title: 
     for exp in experiments:
         last = exp.history[-1]["reward_mean"] if exp.history else None
         recent = [m["reward_mean"] for m in exp.history[-5:]]
-        color = {"Completed": "green", "Failed": "red", "Running": "cyan"}.get(exp.state.value, "white")
+        color = {"Completed": "green", "Failed": "red", "Running": "cyan", "Interrupted": "yellow"}.get(
+            exp.state.value, "white"
+        )
         table.add_row(
             exp.name,
             f"[{color}]{exp.state.value}[/]",
@@ -120,6 +123,8 @@ def train(args: argparse.Namespace) -> int:
         return 1
 
     out = Path(args.output)
+    # From here on a signal checkpoints and exits 0; before, there is nothing to save.
+    stop = GracefulStop().install()
     if args.threads is not None:
         import torch
 
@@ -149,11 +154,10 @@ def train(args: argparse.Namespace) -> int:
 
     totals = RunTotals()
     title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri})"
-    interrupted = False
     try:
         live = Live(progress_table(experiments, totals, title), console=console, refresh_per_second=2)
         with live if not args.no_live else contextlib.nullcontext():
-            while trainer.active:
+            while trainer.active and not stop.is_set():
                 report = trainer.step()
                 totals.add(report)
                 if args.no_live:
@@ -161,19 +165,20 @@ def train(args: argparse.Namespace) -> int:
                 else:
                     live.update(progress_table(experiments, totals, title))
                 write_summary(out, experiments, totals)
-    except KeyboardInterrupt:
-        interrupted = True
-        console.print("interrupted: the next run with the same --output resumes from the last checkpoints")
+        if stop.is_set():
+            stopped = trainer.interrupt(stop.reason)
+            console.print(
+                f"{stop.reason}: checkpointed {len(stopped)} experiment(s); "
+                "the next run with the same --output resumes them"
+            )
     finally:
         for exp in experiments:
             plot_rewards(exp)
-            if exp.state is State.RUNNING:
+            if exp.state is State.RUNNING:  # an error is on its way out: free the workers
                 trainer.remove(exp.name)
     write_summary(out, experiments, totals)
     console.print(progress_table(experiments, totals, title))
     console.print(
         f"outputs: {out}/<experiment>/{{adapter,checkpoints,metrics.jsonl,reward.png}}, {out}/summary.json"
     )
-    if interrupted:
-        return 130
     return 1 if any(e.state is State.FAILED for e in experiments) else 0

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from loraplex_trainer.agent import Agent, AgentConfig
+from loraplex_trainer.checkpoint import verify
 from loraplex_trainer.cluster import ClusterClient
 from tests.operator.integration.conftest import NAMESPACE, REPO, Cluster, wait_for
 
@@ -255,7 +256,7 @@ def test_loraplex_agent_process_stops_on_sigterm(
     cluster.api.create(pool(tiny_model_dir))
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("api", "operator", "trainer")),
+        "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("api", "cli", "operator", "trainer")),
         "KUBECONFIG": str(cluster.kubeconfig),
         "LORAPLEX_POOL": "tiny",
         "POD_NAMESPACE": NAMESPACE,
@@ -297,7 +298,9 @@ def test_a_restarted_replica_resumes_from_the_newest_checkpoint(
     first.thread.join(90)
     first.stop()
     resumed_from = candidate(cluster, "x")["step"]
-    assert resumed_from == 2 and training(cluster, "x")["state"] == "Running"
+    stopped = training(cluster, "x")
+    assert resumed_from == 2 and stopped["state"] == "Interrupted" and stopped["step"] == 2
+    assert stopped["message"] == "stopped at step 2; resumes from checkpoint step-00000002"
 
     second = start_agent()
     until(lambda: training(cluster, "x"), lambda t: t.get("state") == "Completed", timeout=90)
@@ -307,3 +310,35 @@ def test_a_restarted_replica_resumes_from_the_newest_checkpoint(
     # The candidate the first replica reported is not reported again; only newer ones are.
     steps = [s["adapter"]["candidate"]["step"] for s in reports if "adapter" in s]
     assert steps and min(steps) > resumed_from and steps[-1] == 6
+
+
+def test_stopping_mid_run_checkpoints_the_step_and_reports_interrupted(
+    cluster: Cluster, start_agent: Callable[..., RunningAgent]
+) -> None:
+    """A drain or scale-down: the step in flight is finished, checkpointed and named as the candidate."""
+    inline = {"inline": [{"prompt": "say a", "answer": "a"}]}
+    body = experiment("x", inline, {"builtin": {"name": "length", "args": {"target": 3}}}, max_steps=1000)
+    body["spec"]["checkpoint"] = {"everySteps": 500, "keepLast": 2}  # no periodic one before the stop
+    cluster.api.create(body)
+    place(cluster, "x")
+    first = start_agent()
+    until(
+        lambda: training(cluster, "x"), lambda t: t.get("state") == "Running" and t["step"] >= 3, timeout=90
+    )
+    first.stop()
+    stopped = training(cluster, "x")
+    step = stopped["step"]
+    assert stopped["state"] == "Interrupted" and step >= 3
+    assert candidate(cluster, "x")["step"] == step  # the checkpoint the stop wrote
+    folder = first.agent.config.storage / NAMESPACE / "x" / "checkpoints" / f"step-{step:08d}"
+    assert verify(folder) is None
+    assert not first.agent.trainer or "x" not in first.agent.trainer.model.adapter_names()
+
+    second = start_agent()
+    until(
+        lambda: training(cluster, "x"), lambda t: t.get("state") == "Running" and t["step"] > step, timeout=90
+    )
+    running = [
+        b["status"]["training"] for n, b in second.client.sent if n == "x" and "training" in b["status"]
+    ]
+    assert [t["step"] for t in running if t["state"] == "Running"][0] == step  # not one step lost
