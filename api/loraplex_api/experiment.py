@@ -27,6 +27,7 @@ from .common import (
     fixed,
     one_of_rule,
 )
+from .patterns import PatternError, compile_pattern
 from .wire import API_VERSION, EXPERIMENT_KIND
 
 BUILTIN_DATASETS = ("arithmetic", "sort_numbers", "count_letters")
@@ -152,8 +153,17 @@ class BuiltinReward(CamelModel):
 
     @model_validator(mode="after")
     def _pattern_for_regex(self) -> BuiltinReward:
-        if self.name in ("regex_match", "format") and "pattern" not in self.args:
+        if self.name not in ("regex_match", "format"):
+            return self
+        pattern = self.args.get("pattern")
+        if pattern is None:
             raise ValueError(f"args.pattern: required by the {self.name} reward")
+        if not isinstance(pattern, str):
+            raise ValueError(f"args.pattern: {pattern!r} is not a string")
+        try:
+            compile_pattern(pattern)
+        except PatternError as exc:
+            raise ValueError(f"args.pattern: {exc}") from None
         return self
 
 

@@ -87,6 +87,30 @@ def test_wire_form_is_camel_case_and_round_trips() -> None:
             "LoRAExperiment/arith: spec.reward.builtin.args.pattern: required by the regex_match reward",
         ),
         (
+            with_spec(EXPERIMENT, "reward", {"builtin": {"name": "format", "args": {"pattern": "("}}}),
+            "LoRAExperiment/arith: spec.reward.builtin.args.pattern: '(' is not accepted by the linear-time "
+            "RE2 engine: missing ): (",
+        ),
+        (
+            with_spec(
+                EXPERIMENT, "reward", {"builtin": {"name": "regex_match", "args": {"pattern": r"(a)\1"}}}
+            ),
+            "LoRAExperiment/arith: spec.reward.builtin.args.pattern: '(a)\\\\1' is not accepted by the linear-time RE2 engine: "
+            "invalid escape sequence: \\1 (backreferences and lookarounds are not supported)",
+        ),
+        (
+            with_spec(
+                EXPERIMENT,
+                "reward",
+                {"terms": [{"weight": 1, "builtin": {"name": "format", "args": {"pattern": "(?=x)"}}}]},
+            ),
+            "LoRAExperiment/arith: spec.reward.terms[0].builtin.args.pattern: '(?=x)' is not accepted by the linear-time RE2 engine",
+        ),
+        (
+            with_spec(EXPERIMENT, "reward", {"builtin": {"name": "format", "args": {"pattern": 7}}}),
+            "LoRAExperiment/arith: spec.reward.builtin.args.pattern: 7 is not a string",
+        ),
+        (
             with_spec(EXPERIMENT, "lora.targetModules", ["all-linear", "q_proj"]),
             "LoRAExperiment/arith: spec.lora.targetModules: 'all-linear' cannot be combined",
         ),

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from loraplex_api.patterns import PatternError, compile_pattern
 
 
 class ArgReader:
@@ -93,13 +94,13 @@ class ArgReader:
             raise self.error(name, f"{value!r} is not a string")
         return value
 
-    def pattern(self, name: str, flags: int = 0) -> re.Pattern[str]:
-        """A required regular expression, compiled."""
+    def pattern(self, name: str, *, ignore_case: bool = False, dot_all: bool = False) -> Any:
+        """A required regular expression, compiled with RE2 (linear-time ``search``/``fullmatch``)."""
         value = self.text(name, None)
         try:
-            return re.compile(value, flags)
-        except re.error as error:
-            raise self.error(name, f"{value!r} is not a valid regular expression: {error}") from None
+            return compile_pattern(value, ignore_case=ignore_case, dot_all=dot_all)
+        except PatternError as error:
+            raise self.error(name, str(error)) from None
 
     def finish(self) -> None:
         """Reject arguments nobody read (a typo would otherwise be silently ignored)."""

@@ -24,25 +24,31 @@ Arguments (``reward.builtin.args``) per reward; an unknown argument is an error:
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from loraplex_api.experiment import BUILTIN_REWARDS
 from loraplex_api.experiment import BuiltinReward as BuiltinRewardSpec
+from loraplex_api.patterns import compile_pattern
 
 from ..builtin_args import ArgReader
 from .base import RewardError, Sample, check_rewards
+
+BATCH_BUDGET_SECONDS = 10.0
+"""A builtin reward's time per batch; the slowest builtin takes microseconds per sample."""
 
 Scorer = Callable[[Sample], float]
 Answer = Callable[[Sample], Any]  # reads the row's answer, raising RewardError when it is missing
 
 EXTRACT_MODES = ("auto", "answer_tag", "boxed", "answer_colon", "last_line", "none")
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+# Ours, but they scan the model's completions, so they run on RE2 too: linear in the completion.
+_ANSWER_TAG = compile_pattern(r"<answer>(.*?)</answer>", ignore_case=True, dot_all=True)
 # "answer:" up to the end of its line; also catches "Final answer:".
-_ANSWER_COLON = re.compile(r"answer\s*:(.*)", re.IGNORECASE)
+_ANSWER_COLON = compile_pattern(r"answer\s*:(.*)", ignore_case=True)
 _BOXED = "\\boxed{"
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+_NUMBER = compile_pattern(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 
 
 def extract_answer(completion: str, mode: str = "auto") -> str | None:
@@ -156,13 +162,13 @@ def _as_number(value: Any) -> float | None:
 
 def _regex_match(args: ArgReader, answer: Answer, where: str) -> Scorer:
     ignore_case = args.flag("ignore_case", False)
-    pattern = args.pattern("pattern", re.IGNORECASE if ignore_case else 0)
+    pattern = args.pattern("pattern", ignore_case=ignore_case)
     match = pattern.fullmatch if args.flag("fullmatch", False) else pattern.search
     return lambda sample: float(match(sample.completion) is not None)
 
 
 def _format(args: ArgReader, answer: Answer, where: str) -> Scorer:
-    pattern = args.pattern("pattern", re.DOTALL)
+    pattern = args.pattern("pattern", dot_all=True)
     partial = args.number("partial", 0.0, minimum=0.0)
     strip = args.flag("strip", True)
 
@@ -223,16 +229,34 @@ BUILDERS: dict[str, Callable[[ArgReader, Answer, str], Scorer]] = {
 
 
 class BuiltinRewardFunction:
-    """A builtin reward: one scorer applied to every sample of the batch."""
+    """A builtin reward: one scorer applied to every sample of the batch, within a time budget.
 
-    def __init__(self, name: str, score: Scorer, where: str) -> None:
+    The scorers are linear in the completion (RE2 for patterns), so the budget is a backstop: it
+    is checked after every sample, so an overrun costs at most one sample's time and fails only
+    this experiment.
+    """
+
+    def __init__(
+        self, name: str, score: Scorer, where: str, *, budget_seconds: float = BATCH_BUDGET_SECONDS
+    ) -> None:
         self.name = name
         self._score = score
         self._where = where
+        self.budget_seconds = budget_seconds
 
     def __call__(self, samples: Sequence[Sample]) -> list[float]:
         """Score each sample; the scorers are pure, so this never leaves state behind."""
-        return check_rewards([self._score(s) for s in samples], len(samples), self._where)
+        started = time.perf_counter()
+        rewards = []
+        for i, sample in enumerate(samples):
+            rewards.append(self._score(sample))
+            elapsed = time.perf_counter() - started
+            if elapsed > self.budget_seconds:
+                raise RewardError(
+                    f"{self._where}: the {self.name} reward took {elapsed:.1f}s for {i + 1} of {len(samples)} "
+                    f"samples, over its budget of {self.budget_seconds:g}s per batch"
+                )
+        return check_rewards(rewards, len(samples), self._where)
 
     def close(self) -> None:
         """Nothing to release."""
