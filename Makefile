@@ -51,6 +51,7 @@ crds: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(PY) bench/bench_scheduler.py
+	$(PY) bench/bench_validate.py
 	$(PY) bench/bench_multilora.py
 
 clean:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from .experiment import LoRAExperiment
 from .pool import SharedBasePool
 from .wire import API_VERSION, EXPERIMENT_KIND, GROUP, POOL_KIND
+from .yaml_documents import DocumentError, load_documents
 
 Resource = SharedBasePool | LoRAExperiment
 _FIELD = re.compile(r"^[A-Za-z][A-Za-z0-9]*(\.[A-Za-z][A-Za-z0-9]*|\[\d+\])*$")
@@ -101,12 +101,6 @@ def _problems_from(error: ValidationError, kind: str, name: str, source: str) ->
     return problems
 
 
-def _one_line(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
-
-
 def parse_document(doc: Any, source: str = "<input>") -> Resource:
     """Validate one decoded YAML document as a loraplex resource, or raise ManifestError."""
     if not isinstance(doc, dict):
@@ -145,12 +139,12 @@ def load_manifests(paths: Sequence[str | Path]) -> list[Manifest]:
         )
         for file in files:
             try:
-                docs = list(yaml.safe_load_all(file.read_text()))
+                docs = load_documents(file.read_bytes())
             except OSError as exc:
                 problems.append(Problem("File", str(file), "", f"cannot read: {exc.strerror}", str(file)))
                 continue
-            except yaml.YAMLError as exc:
-                problems.append(Problem("File", str(file), "", f"invalid YAML: {_one_line(exc)}", str(file)))
+            except DocumentError as exc:
+                problems.append(Problem("File", str(file), "", str(exc), str(file)))
                 continue
             for doc in docs:
                 if doc is None:

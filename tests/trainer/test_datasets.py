@@ -135,6 +135,10 @@ def test_default_eval_is_a_fixed_sample_of_train() -> None:
         ),
         ('{"prompt": [{"role": "user"}], "answer": "b"}\n', r"line 1: prompt\[0\] is not a chat message"),
         ("\n\n", r"^dataset\.file: data/train\.jsonl: holds no rows$"),
+        (
+            '{"prompt": "a", "answer": "b"}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
+            r"^dataset\.file: data/train\.jsonl line 2: nested too deeply to be a dataset row$",
+        ),
     ],
 )
 def test_bad_files_name_file_line_and_field(tmp_path: Path, content: str, message: str) -> None:

@@ -145,6 +145,8 @@ def _jsonl(text: str, name: str) -> Iterator[tuple[str, Any]]:
             raise DatasetError(
                 f"{name} line {number}: not valid JSON ({error.msg} at column {error.colno})"
             ) from None
+        except RecursionError:  # json's decoder recurses once per level of [ or {
+            raise DatasetError(f"{name} line {number}: nested too deeply to be a dataset row") from None
         yield f"{name} line {number}", value
 
 
