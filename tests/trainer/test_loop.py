@@ -185,6 +185,20 @@ def test_hanging_reward_times_out_and_fails_only_its_experiment(tiny_base: BaseM
     assert stuck.state is State.FAILED and "did not return within 1s" in stuck.message, stuck.message
 
 
+def test_a_reward_too_large_for_float32_says_so_and_fails_only_its_experiment(
+    tiny_base: BaseModel, workdir: Path
+) -> None:
+    (workdir / "huge.py").write_text("def reward(prompt, completion, row):\n    return 1e300\n")
+    trainer = Trainer(tiny_base)
+    good = Experiment("good", spec(**{"algorithm.maxSteps": 2}), workdir / "good")
+    huge = Experiment("huge", spec("huge.py"), workdir / "huge")
+    run(trainer, good, huge, base_dir=workdir)
+    assert good.state is State.COMPLETED
+    assert huge.state is State.FAILED and "reward 1e+300 from sample 0 is too large" in huge.message, (
+        huge.message
+    )
+
+
 def test_unreadable_dataset_fails_only_its_experiment(tiny_base: BaseModel, workdir: Path) -> None:
     trainer = Trainer(tiny_base)
     good = Experiment("good", spec(**{"algorithm.maxSteps": 1}), workdir / "good")

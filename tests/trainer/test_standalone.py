@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +17,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplex_cli.main import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def manifests(tmp_path: Path, model_dir: Path, *, steps: int = 3) -> Path:
@@ -150,3 +158,106 @@ def test_a_failing_experiment_makes_the_run_exit_nonzero_but_others_finish(
     assert summary["experiments"]["short"]["state"] == "Completed"
     assert summary["experiments"]["digits"]["state"] == "Failed"
     assert "missing.jsonl" in summary["experiments"]["digits"]["message"]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
+    """A small tmpfs at ``path`` (a real full or read-only disk); the CI machine runs as root."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def run_train(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(["train", *args, "--no-live"])
+    return code, capsys.readouterr().err
+
+
+def test_output_and_model_problems_are_one_line_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = manifests(tmp_path, tiny_model_dir)
+    (tmp_path / "taken").write_text("a file")
+    code, err = run_train(str(file), "--output", str(tmp_path / "taken"), capsys=capsys)
+    assert (
+        code == 1
+        and err.strip()
+        == f"--output {tmp_path / 'taken'}: is a file; give a folder (it is created if missing)"
+    )
+
+    with tmpfs(tmp_path / "tiny-disk", "1m") as disk:
+        code, err = run_train(str(file), "--output", str(disk / "out"), capsys=capsys)
+        assert code == 1 and "only 1.0 MiB free; checkpoints and metrics need at least 16 MiB" in err
+        assert "loading" not in err and len(err.strip().splitlines()) == 1
+    with tmpfs(tmp_path / "ro-disk", "64m", read_only=True) as disk:
+        code, err = run_train(str(file), "--output", str(disk), capsys=capsys)
+        assert (
+            code == 1
+            and err.strip()
+            == f"--output {disk}: is not writable (Read-only file system); choose another folder"
+        )
+
+    docs = list(yaml.safe_load_all(file.read_text()))
+    docs[0]["spec"]["model"]["uri"] = "file:///no/such/model"
+    file.write_text(yaml.safe_dump_all(docs))
+    code, err = run_train(str(file), "--output", str(tmp_path / "out"), capsys=capsys)
+    assert code == 1
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("SharedBasePool/tiny: spec.model.uri: model uri 'file:///no/such/model'")
+    )
+    assert "Traceback" not in err
+
+
+def test_a_disk_that_fills_up_mid_run_stops_with_one_line_and_the_rerun_resumes(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    file = manifests(tmp_path, tiny_model_dir, steps=40)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "cli", "operator", "trainer")),
+    }
+    with tmpfs(tmp_path / "disk", "20m") as disk:
+        out = disk / "out"
+        command = [
+            sys.executable,
+            "-m",
+            "loraplex_cli",
+            "train",
+            str(file),
+            "--output",
+            str(out),
+            "--no-live",
+        ]
+        process = subprocess.Popen([*command, "--threads", "1"], env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (out / "short" / "checkpoints" / "step-00000002").is_dir():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-2000:]
+            time.sleep(0.05)
+        filler = disk / "filler"
+        with filler.open("wb") as f, contextlib.suppress(OSError):
+            while True:  # take every byte that is left
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        _, err = process.communicate(timeout=60)
+        assert process.returncode == 1, err[-2000:]
+        (line,) = [x for x in err.splitlines() if "the run stopped" in x]  # log lines aside, one message
+        assert line.startswith(str(out)) and "No space left on device; the run stopped." in line
+        assert line.endswith("every experiment resumes from its last checkpoint")
+        assert "Traceback" not in err
+
+        filler.unlink()
+        again = subprocess.run(
+            [*command, "--threads", "1"], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert again.returncode == 0, again.stderr[-2000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert {e["state"] for e in summary["experiments"].values()} == {"Completed"}
+        assert summary["totals"]["shared_steps"] < 40  # resumed, not started over

@@ -44,7 +44,7 @@ from .forward_backward import forward_backward
 from .grpo import group_advantages
 from .model_host import BaseModel
 from .optim import AdapterOptimizer, NonFiniteError
-from .rewards import RewardError, Sample
+from .rewards import RewardError, Sample, check_rewards
 from .rollout.base import GenerationRequest, RolloutEngine
 from .rollout.torch_engine import TorchRolloutEngine
 
@@ -412,10 +412,8 @@ class Trainer:
             )
             for r in rollouts
         ]
-        rewards = exp.reward(samples)
-        if len(rewards) != len(samples):
-            raise RewardError(f"returned {len(rewards)} rewards for {len(samples)} samples")
-        return [float(r) for r in rewards]
+        # Weighted terms can add up past any one term's check: the sum is checked too.
+        return check_rewards(exp.reward(samples), len(samples), "spec.reward")
 
     # ----------------------------------------------------------------- eval, checkpoints, completion
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,15 +20,19 @@ from loraplex_api import LoRAExperiment, ManifestError, SharedBasePool, load_man
 
 from .experiment import Experiment, State
 from .loop import Trainer
-from .model_host import load_base_model, resolve_device, resolve_dtype
+from .model_host import BaseModel, load_base_model, resolve_device, resolve_dtype
 from .report import RunTotals, plot_rewards, write_summary
 from .shutdown import GracefulStop
 
 log = logging.getLogger(__name__)
 
 
+MIN_FREE_BYTES = 16 << 20
+"""Free space the run folder needs before the model loads: a few checkpoints of small adapters."""
+
+
 class SetupError(ValueError):
-    """The manifests cannot form one local run (no pool, two pools, a poolRef to another pool)."""
+    """The run cannot start: the manifests do not form one local run, the output folder or the model is unusable."""
 
 
 def select(files: Sequence[str]) -> tuple[SharedBasePool, list[tuple[LoRAExperiment, Path]]]:
@@ -105,6 +111,44 @@ def _log_progress(console: Console, experiments: Sequence[Experiment], seconds: 
     console.print(f"step {seconds:.1f}s | " + " | ".join(parts), markup=False, highlight=False)
 
 
+def check_output(out: Path) -> Path:
+    """The run folder, created and known to be writable with room to spare; SetupError otherwise."""
+    where = f"--output {out}"
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"{where}: is a file; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise SetupError(f"{where}: is not writable ({exc.strerror or exc}); choose another folder") from None
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise SetupError(
+            f"{where}: only {free / 2**20:.1f} MiB free; checkpoints and metrics need at least "
+            f"{MIN_FREE_BYTES / 2**20:.0f} MiB: free some space or choose another folder"
+        )
+    return out
+
+
+def load_pool_model(pool: SharedBasePool, requested_device: str, console: Console) -> BaseModel:
+    """The pool's base model; SetupError naming the pool and the URI when it cannot be had."""
+    model = pool.spec.model
+    device = resolve_device(requested_device)
+    dtype = resolve_dtype(model.dtype, device)
+    console.print(f"loading {model.uri} ({dtype}, {device}) ...")
+    started = time.monotonic()
+    try:
+        base = load_base_model(model.uri, dtype=dtype, revision=model.revision, device=device)
+    except (ValueError, OSError) as exc:  # a missing folder, package or cache entry
+        raise SetupError(f"SharedBasePool/{pool.metadata.name}: spec.model.uri: {exc}") from None
+    console.print(
+        f"loaded {model.name}: {base.facts.parameter_count / 1e6:.1f}M parameters "
+        f"in {time.monotonic() - started:.1f}s"
+    )
+    return base
+
+
 def train(args: argparse.Namespace) -> int:
     """Entry point of `loraplex train`; returns the process exit code."""
     console = Console(stderr=True)
@@ -114,6 +158,16 @@ def train(args: argparse.Namespace) -> int:
     )
     try:
         pool, specs = select(args.files)
+        out = check_output(Path(args.output))
+        # From here on a signal checkpoints and exits 0; before, there is nothing to save.
+        stop = GracefulStop().install()
+        if args.threads is not None:
+            import torch
+
+            # Intra-op threads that compete with other processes for the cores spin at every
+            # barrier; on a busy 2-core machine one thread was 5-19x faster than two.
+            torch.set_num_threads(args.threads)
+        base = load_pool_model(pool, args.device, console)
     except ManifestError as exc:
         for problem in exc.problems:  # one unwrapped line each, greppable
             print(problem, file=sys.stderr)
@@ -122,24 +176,6 @@ def train(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
 
-    out = Path(args.output)
-    # From here on a signal checkpoints and exits 0; before, there is nothing to save.
-    stop = GracefulStop().install()
-    if args.threads is not None:
-        import torch
-
-        # Intra-op threads that compete with other processes for the cores spin at every
-        # barrier; on a busy 2-core machine one thread was 5-19x faster than two.
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(pool.spec.model.dtype, device)
-    console.print(f"loading {pool.spec.model.uri} ({dtype}, {device}) ...")
-    started = time.monotonic()
-    base = load_base_model(pool.spec.model.uri, dtype=dtype, revision=pool.spec.model.revision, device=device)
-    console.print(
-        f"loaded {pool.spec.model.name}: {base.facts.parameter_count / 1e6:.1f}M parameters "
-        f"in {time.monotonic() - started:.1f}s"
-    )
     trainer = Trainer(base)
     experiments = []
     for resource, base_dir in specs:
@@ -155,30 +191,54 @@ def train(args: argparse.Namespace) -> int:
     totals = RunTotals()
     title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri})"
     try:
-        live = Live(progress_table(experiments, totals, title), console=console, refresh_per_second=2)
-        with live if not args.no_live else contextlib.nullcontext():
-            while trainer.active and not stop.is_set():
-                report = trainer.step()
-                totals.add(report)
-                if args.no_live:
-                    _log_progress(console, experiments, report.seconds)
-                else:
-                    live.update(progress_table(experiments, totals, title))
-                write_summary(out, experiments, totals)
-        if stop.is_set():
-            stopped = trainer.interrupt(stop.reason)
-            console.print(
-                f"{stop.reason}: checkpointed {len(stopped)} experiment(s); "
-                "the next run with the same --output resumes them"
-            )
+        _train_until_done(trainer, experiments, totals, stop, out, console, title, live=not args.no_live)
+    except OSError as exc:  # the disk filled up, the folder went read-only: every experiment stops
+        path = exc.filename or out
+        print(
+            f"{path}: {exc.strerror or exc}; the run stopped. Fix it and run again with the same "
+            "--output: every experiment resumes from its last checkpoint",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         for exp in experiments:
-            plot_rewards(exp)
             if exp.state is State.RUNNING:  # an error is on its way out: free the workers
                 trainer.remove(exp.name)
-    write_summary(out, experiments, totals)
     console.print(progress_table(experiments, totals, title))
     console.print(
         f"outputs: {out}/<experiment>/{{adapter,checkpoints,metrics.jsonl,reward.png}}, {out}/summary.json"
     )
     return 1 if any(e.state is State.FAILED for e in experiments) else 0
+
+
+def _train_until_done(
+    trainer: Trainer,
+    experiments: list[Experiment],
+    totals: RunTotals,
+    stop: GracefulStop,
+    out: Path,
+    console: Console,
+    title: str,
+    *,
+    live: bool,
+) -> None:
+    """Step until every experiment is done or a signal asks to stop; then checkpoint and summarize."""
+    display = Live(progress_table(experiments, totals, title), console=console, refresh_per_second=2)
+    with display if live else contextlib.nullcontext():
+        while trainer.active and not stop.is_set():
+            report = trainer.step()
+            totals.add(report)
+            if live:
+                display.update(progress_table(experiments, totals, title))
+            else:
+                _log_progress(console, experiments, report.seconds)
+            write_summary(out, experiments, totals)
+    if stop.is_set():
+        stopped = trainer.interrupt(stop.reason)
+        console.print(
+            f"{stop.reason}: checkpointed {len(stopped)} experiment(s); "
+            "the next run with the same --output resumes them"
+        )
+    for exp in experiments:
+        plot_rewards(exp)
+    write_summary(out, experiments, totals)

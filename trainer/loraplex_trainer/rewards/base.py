@@ -48,6 +48,10 @@ def user_row(row: dict[str, Any], answer_field: str) -> dict[str, Any]:
     return shown
 
 
+MAX_REWARD = 1e15
+"""Beyond this, a group's variance overflows float32 and the loss turns into NaN."""
+
+
 def check_rewards(values: Any, expected: int, where: str) -> list[float]:
     """Return ``values`` as a list of floats, or raise RewardError unless it holds ``expected`` finite numbers."""
     if not isinstance(values, list | tuple):
@@ -62,5 +66,10 @@ def check_rewards(values: Any, expected: int, where: str) -> list[float]:
         number = float(value)
         if not math.isfinite(number):
             raise RewardError(f"{where}: reward {i} is {number}, expected a finite number")
+        if abs(number) > MAX_REWARD:
+            raise RewardError(
+                f"{where}: reward {number:g} from sample {i} is too large; keep rewards within "
+                f"±{MAX_REWARD:g} (advantages and the loss are computed in float32)"
+            )
         checked.append(number)
     return checked
