@@ -41,6 +41,11 @@ MODEL_URI_ENV = "LORAPLEX_MODEL_URI"
 CACHE_ENV = "LORAPLEX_CACHE"
 """A writable folder for the trainer's caches (the dequantized builtin model)."""
 
+REWARD_UIDS_ENV = "LORAPLEX_REWARD_UIDS"
+"""A uid range (``20000-29999``): a trainer running as root starts each experiment's reward worker as its own uid."""
+REWARD_PYTHON_ENV = "LORAPLEX_REWARD_PYTHON"
+"""The interpreter reward workers run (one their uids may execute); default: the trainer's own."""
+
 STORAGE_MOUNT = "/var/lib/loraplex"
 """Where the pool's storage is mounted in a trainer pod (adapters, checkpoints, metrics)."""
 HEALTH_PORT = 8081

@@ -53,6 +53,7 @@ from .health import HealthServer
 from .loop import Trainer
 from .metrics import TrainerMetrics, accelerator_bytes, resident_bytes, tensor_bytes
 from .model_host import load_base_model, resolve_device, resolve_dtype
+from .rewards.sandbox import SandboxConfig, harden_trainer
 from .shutdown import GracefulStop
 from .status_patches import (
     candidate_revision,
@@ -133,6 +134,7 @@ class Agent:
         registry: CollectorRegistry,
         *,
         stop: threading.Event | None = None,
+        sandbox: SandboxConfig | None = None,
     ) -> None:
         self.config = config
         self.cluster = cluster
@@ -140,6 +142,7 @@ class Agent:
         self.metrics = TrainerMetrics(registry)
         self.stop_event = stop or threading.Event()
         self.shutdown = GracefulStop(self.stop_event)
+        self.sandbox = sandbox or SandboxConfig()
         self.ready = threading.Event()
         self.writer = StatusWriter(cluster, heartbeat_seconds=config.heartbeat_seconds)
         self.hosted: dict[str, Hosted] = {}
@@ -232,7 +235,7 @@ class Agent:
             uri, dtype, device, time.monotonic() - started,
         )  # fmt: skip
         self._write_model_status()
-        return Trainer(base)
+        return Trainer(base, sandbox=self.sandbox)
 
     def _loop(self) -> None:
         next_sync = 0.0
@@ -449,7 +452,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigException as exc:
         log.error("event=kube_config_missing error=%r", str(exc))
         return 1
-    agent = Agent(config, cluster, CollectorRegistry())
+    harden_trainer()
+    try:
+        sandbox = SandboxConfig.from_env()
+    except ValueError as exc:
+        log.error("event=agent_config_invalid error=%r", str(exc))
+        return 2
+    agent = Agent(config, cluster, CollectorRegistry(), sandbox=sandbox)
     # Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds: the agent
     # finishes the step in flight, checkpoints every adapter and reports it Interrupted.
     agent.shutdown.install()

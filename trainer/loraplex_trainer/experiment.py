@@ -17,6 +17,7 @@ from .datasets import PromptSampler, Splits, load_dataset
 from .multilora import AdapterConfig
 from .optim import AdapterOptimizer, OptimizerConfig
 from .rewards import Reward, build_reward
+from .rewards.sandbox import SandboxConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,18 @@ class Experiment:
             max_grad_norm=opt.max_grad_norm,
         )
 
-    def load_inputs(self, base_dir: Path, config_maps: Mapping[tuple[str, str], str] | None) -> None:
-        """Read the dataset and build the reward; raises DatasetError / RewardError with a clear message."""
+    def load_inputs(
+        self,
+        base_dir: Path,
+        config_maps: Mapping[tuple[str, str], str] | None,
+        *,
+        sandbox: SandboxConfig | None = None,
+        uid: int | None = None,
+    ) -> None:
+        """Read the dataset and build the reward; raises DatasetError / RewardError with a clear message.
+
+        A Python reward's worker starts in ``sandbox``, as ``uid`` when the trainer has one for it.
+        """
         self.splits = load_dataset(self.spec.dataset, base_dir=base_dir, config_maps=config_maps)
         self.sampler = PromptSampler(len(self.splits.train), self.spec.algorithm.seed)
         self.reward = build_reward(
@@ -98,6 +109,8 @@ class Experiment:
             base_dir=base_dir,
             config_maps=config_maps,
             answer_field=self.spec.dataset.answer_field,
+            sandbox=sandbox,
+            uid=uid,
         )
 
     def fail(self, message: str) -> None:

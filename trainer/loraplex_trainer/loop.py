@@ -45,6 +45,7 @@ from .grpo import group_advantages
 from .model_host import BaseModel
 from .optim import AdapterOptimizer, NonFiniteError
 from .rewards import RewardError, Sample, check_rewards
+from .rewards.sandbox import SandboxConfig, UidPool
 from .rollout.base import GenerationRequest, RolloutEngine
 from .rollout.torch_engine import TorchRolloutEngine
 
@@ -96,8 +97,11 @@ class Trainer:
         *,
         engine: RolloutEngine | None = None,
         micro_batch_tokens: int = 4096,
+        sandbox: SandboxConfig | None = None,
     ) -> None:
         self.base = base
+        self.sandbox = sandbox or SandboxConfig()
+        self.reward_uids = UidPool(self.sandbox.uids)
         self.tokenizer = base.tokenizer
         self.model = MultiLoRAModel(base.model)
         self.engine: RolloutEngine = engine or TorchRolloutEngine(self.model, base.tokenizer)
@@ -123,7 +127,9 @@ class Trainer:
             raise ValueError(f"experiment {name!r} is already running in this trainer")
         self.experiments[name] = experiment
         try:
-            experiment.load_inputs(base_dir, config_maps)
+            experiment.load_inputs(
+                base_dir, config_maps, sandbox=self.sandbox, uid=self.reward_uids.take(name)
+            )
             self.model.add_adapter(name, experiment.adapter_config, seed=experiment.spec.algorithm.seed)
         except (DatasetError, RewardError, OSError) as exc:
             experiment.fail(str(exc))
@@ -185,6 +191,7 @@ class Trainer:
             self.engine.remove_adapter(name)
         experiment.optimizer = None
         experiment.close()
+        self.reward_uids.give_back(name)
 
     def interrupt(self, reason: str) -> list[Experiment]:
         """Checkpoint every active experiment at its current step, mark it Interrupted and remove it.

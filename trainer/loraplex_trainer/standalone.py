@@ -22,6 +22,7 @@ from .experiment import Experiment, State
 from .loop import Trainer
 from .model_host import BaseModel, load_base_model, resolve_device, resolve_dtype
 from .report import RunTotals, plot_rewards, write_summary
+from .rewards.sandbox import SandboxConfig, harden_trainer
 from .shutdown import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,15 @@ def _log_progress(console: Console, experiments: Sequence[Experiment], seconds: 
     console.print(f"step {seconds:.1f}s | " + " | ".join(parts), markup=False, highlight=False)
 
 
+def reward_sandbox() -> SandboxConfig:
+    """Harden this process against its reward workers and read how to start them (env)."""
+    harden_trainer()
+    try:
+        return SandboxConfig.from_env()
+    except ValueError as exc:
+        raise SetupError(str(exc)) from None
+
+
 def check_output(out: Path) -> Path:
     """The run folder, created and known to be writable with room to spare; SetupError otherwise."""
     where = f"--output {out}"
@@ -158,6 +168,7 @@ def train(args: argparse.Namespace) -> int:
     )
     try:
         pool, specs = select(args.files)
+        sandbox = reward_sandbox()
         out = check_output(Path(args.output))
         # From here on a signal checkpoints and exits 0; before, there is nothing to save.
         stop = GracefulStop().install()
@@ -176,7 +187,7 @@ def train(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
 
-    trainer = Trainer(base)
+    trainer = Trainer(base, sandbox=sandbox)
     experiments = []
     for resource, base_dir in specs:
         spec = resource.spec

@@ -11,6 +11,7 @@ from .base import Reward, RewardError, Sample, check_rewards
 from .builtin import build_builtin
 from .http import build_http
 from .python_worker import build_python
+from .sandbox import SandboxConfig
 
 
 class WeightedSum:
@@ -48,6 +49,8 @@ def build_reward(
     config_maps: Mapping[tuple[str, str], str] | None = None,
     answer_field: str = "answer",
     where: str = "reward",
+    sandbox: SandboxConfig | None = None,
+    uid: int | None = None,
 ) -> Reward:
     """Turn an experiment's ``reward`` spec into a callable Reward; errors name the spec field.
 
@@ -66,6 +69,8 @@ def build_reward(
                     config_maps=config_maps,
                     answer_field=answer_field,
                     where=f"{where}.terms[{i}]",
+                    sandbox=sandbox,
+                    uid=uid,
                 )
                 built.append((term.weight, reward))
         except BaseException:
@@ -82,6 +87,8 @@ def build_reward(
             base_dir=base_dir,
             config_maps=config_maps,
             answer_field=answer_field,
+            sandbox=sandbox,
+            uid=uid,
         )
     if spec.http is not None:
         return build_http(spec.http, where=f"{where}.http", answer_field=answer_field)

@@ -9,7 +9,6 @@ timeout or a crash it is replaced on the next call.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -28,13 +26,15 @@ from loraplex_api.experiment import PythonReward as PythonRewardSpec
 
 from ..sources import config_map_text, resolve_file
 from .base import RewardError, Sample, check_rewards, user_row
+from .sandbox import OUTPUT_LINE_BYTES, REPLY_BYTES, SandboxConfig, WorkerHome, kill_all
 
 logger = logging.getLogger(__name__)
 
-WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
 # Loading may import heavy libraries once; give it longer than a batch gets.
 MIN_STARTUP_SECONDS = 60.0
 _STDERR_TAIL_LINES = 20
+_LOGGED_LINES = 200
+"""Lines of a worker's output logged at most; the rest is dropped (the tail is still kept)."""
 
 
 class _WorkerGone(Exception):
@@ -42,43 +42,79 @@ class _WorkerGone(Exception):
 
 
 class _Worker:
-    """One worker process and the threads that drain its pipes."""
+    """One worker process, started in its sandbox, and the threads that drain its pipes (bounded)."""
 
-    def __init__(self, path: Path, function: str) -> None:
+    def __init__(self, home: WorkerHome, function: str, sandbox: SandboxConfig) -> None:
+        self.home = home
+        self.python = sandbox.python
+        limits = sandbox.limits
+        config = {
+            "memory_bytes": limits.memory_bytes,
+            "file_bytes": limits.file_bytes,
+            "open_files": limits.open_files,
+            "processes": limits.processes,
+            "own_uid": home.uid is not None,
+            "parent": os.getpid(),
+        }
+        own_uid = home.uid is not None
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER_SCRIPT), str(path), function],
+            [self.python, str(home.script), str(home.source), function, json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            cwd=path.parent,
-            encoding="utf-8",
+            cwd=home.path,
+            env=home.environment(),
             # Its own process group, so a kill also ends whatever the user's code started.
             start_new_session=True,
+            user=home.uid if own_uid else None,
+            group=home.uid if own_uid else None,
+            extra_groups=[] if own_uid else None,
         )
-        self.replies: queue.Queue[str | None] = queue.Queue()
+        self.replies: queue.Queue[bytes | None] = queue.Queue()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self.logged_lines = 0
         assert self.process.stdout is not None and self.process.stderr is not None
         threading.Thread(target=self._drain_stdout, args=(self.process.stdout,), daemon=True).start()
         self._stderr_thread = threading.Thread(
-            target=self._drain_stderr, args=(self.process.stderr, path.name), daemon=True
+            target=self._drain_stderr, args=(self.process.stderr, home.source.name), daemon=True
         )
         self._stderr_thread.start()
 
-    def _drain_stdout(self, stream: IO[str]) -> None:
-        for line in stream:
+    def _drain_stdout(self, stream: IO[bytes]) -> None:
+        while True:
+            line = stream.readline(REPLY_BYTES + 1)
+            if not line:
+                break
+            if len(line) > REPLY_BYTES:
+                self.replies.put(b"")  # too large: receive() reports it, the caller kills the worker
+                break
             self.replies.put(line)
         self.replies.put(None)
 
-    def _drain_stderr(self, stream: IO[str], name: str) -> None:
-        # Drained continuously so a chatty reward never blocks on a full pipe; kept for error messages.
-        for line in stream:
-            self.stderr_tail.append(line.rstrip("\n"))
-            logger.info("reward_output file=%s line=%r", name, line.rstrip("\n"))
+    def _drain_stderr(self, stream: IO[bytes], name: str) -> None:
+        # Drained continuously so a chatty reward never blocks on a full pipe; each line is cut to
+        # OUTPUT_LINE_BYTES and only a short tail is kept, whatever the worker writes.
+        while True:
+            chunk = stream.readline(OUTPUT_LINE_BYTES)
+            if not chunk:
+                return
+            cut = not chunk.endswith(b"\n")
+            while cut:  # skip the rest of an overlong line without holding it
+                rest = stream.readline(OUTPUT_LINE_BYTES)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            text = chunk.decode(errors="replace").rstrip("\n") + (" [line cut]" if cut else "")
+            self.stderr_tail.append(text)
+            if self.logged_lines < _LOGGED_LINES:
+                logger.info("reward_output file=%s line=%r", name, text)
+            elif self.logged_lines == _LOGGED_LINES:
+                logger.info("reward_output file=%s further output is not logged", name)
+            self.logged_lines += 1
 
     def send(self, message: dict[str, Any]) -> None:
         assert self.process.stdin is not None
         try:
-            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.write((json.dumps(message) + "\n").encode())
             self.process.stdin.flush()
         except (BrokenPipeError, OSError) as error:
             raise _WorkerGone from error
@@ -86,11 +122,13 @@ class _Worker:
     def receive(self, timeout: float) -> dict[str, Any]:
         """The next reply; raises queue.Empty after ``timeout`` seconds, _WorkerGone at end of output.
 
-        A line that is not JSON raises ValueError.
+        A line that is not JSON, or larger than REPLY_BYTES, raises ValueError.
         """
         line = self.replies.get(timeout=timeout)
         if line is None:
             raise _WorkerGone
+        if not line:
+            raise ValueError(f"a reply over {REPLY_BYTES} bytes")
         reply: dict[str, Any] = json.loads(line)
         return reply
 
@@ -110,13 +148,14 @@ class _Worker:
         return f"; its last output:\n{tail}" if tail else ""
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
+        """End the worker and everything it started, and delete its folder."""
+        if self.process.poll() is None or self.home.uid is not None:
+            kill_all(self.home.uid, self.process.pid, self.python)
         self.process.wait()
+        self.home.remove()
 
     def stop(self) -> None:
-        """Ask the worker to exit by closing its input; kill it if it does not."""
+        """Ask the worker to exit by closing its input; kill it (and all it started) if it does not."""
         try:
             assert self.process.stdin is not None
             self.process.stdin.close()
@@ -139,9 +178,16 @@ class PythonFunctionReward:
         display: str,
         answer_field: str = "answer",
         temp_dir: Path | None = None,
+        sandbox: SandboxConfig | None = None,
+        uid: int | None = None,
     ) -> None:
-        """Start the worker and load the function; a bad file or function raises RewardError now."""
+        """Start the worker and load the function; a bad file or function raises RewardError now.
+
+        ``uid`` is the experiment's own uid for its workers (from the trainer's uid range), or None.
+        """
         self.path = path
+        self.sandbox = sandbox or SandboxConfig()
+        self.uid = uid
         self.function = function
         self.timeout_seconds = timeout_seconds
         self._where = where
@@ -158,7 +204,15 @@ class PythonFunctionReward:
             raise
 
     def _start(self) -> _Worker:
-        worker = _Worker(self.path, self.function)
+        try:
+            home = WorkerHome.create(self.path, self.uid)
+        except OSError as error:
+            raise RewardError(f"{self._where}: cannot prepare a worker for {self._name}: {error}") from None
+        try:
+            worker = _Worker(home, self.function, self.sandbox)
+        except OSError as error:
+            home.remove()
+            raise RewardError(f"{self._where}: cannot start a worker for {self._name}: {error}") from None
         startup = max(MIN_STARTUP_SECONDS, self.timeout_seconds)
         try:
             reply = worker.receive(startup)
@@ -166,14 +220,24 @@ class PythonFunctionReward:
             worker.kill()
             raise RewardError(f"{self._where}: {self._name} did not load within {startup:g}s") from None
         except _WorkerGone:
-            raise RewardError(
-                f"{self._where}: the worker loading {self._name} {worker.exit_description()}"
-                f"{worker.stderr_text()}"
-            ) from None
+            message = f"{self._where}: the worker loading {self._name} {worker.exit_description()}{worker.stderr_text()}"
+            worker.kill()
+            raise RewardError(message) from None
         if "error" in reply:
             worker.stop()
             raise RewardError(f"{self._where}: cannot load {self._name}: {self._describe(reply['error'])}")
-        logger.info("reward_worker_started function=%s pid=%d", self._name, worker.process.pid)
+        confinement = reply.get("confinement") or {}
+        logger.info(
+            "reward_worker_started function=%s pid=%d uid=%s landlock_abi=%s signals_confined=%s",
+            self._name, worker.process.pid, self.uid, confinement.get("landlock_abi"),
+            confinement.get("signals_confined"),
+        )  # fmt: skip
+        if self.uid is None and not confinement.get("landlock_abi"):
+            logger.warning(
+                "reward_worker_unconfined function=%s: no Landlock in this kernel and no uid of its own, "
+                "so the worker can read and write what the trainer's uid can",
+                self._name,
+            )
         return worker
 
     def _describe(self, error: dict[str, Any]) -> str:
@@ -207,16 +271,17 @@ class PythonFunctionReward:
                 ) from None
             except _WorkerGone:
                 self._worker = None
-                raise RewardError(
+                message = (
                     f"{self._where}: the worker running {self._name} {worker.exit_description()} "
                     f"while scoring a batch of {len(samples)}{worker.stderr_text()}"
-                ) from None
-            except ValueError:
+                )
+                worker.kill()  # whatever it started goes with it
+                raise RewardError(message) from None
+            except ValueError as error:
                 worker.kill()
                 self._worker = None
-                raise RewardError(
-                    f"{self._where}: the worker running {self._name} sent a garbled reply"
-                ) from None
+                what = str(error) if "bytes" in str(error) else "a garbled reply"
+                raise RewardError(f"{self._where}: the worker running {self._name} sent {what}") from None
             except TypeError as error:  # a row that JSON cannot carry
                 raise RewardError(
                     f"{self._where}: cannot send the samples to {self._name}: {error}"
@@ -246,6 +311,8 @@ def build_python(
     base_dir: Path,
     config_maps: Mapping[tuple[str, str], str] | None,
     answer_field: str,
+    sandbox: SandboxConfig | None = None,
+    uid: int | None = None,
 ) -> PythonFunctionReward:
     """Resolve the function's source (a file under ``base_dir`` or ConfigMap text) and start its worker."""
     if spec.file is not None:
@@ -256,6 +323,8 @@ def build_python(
             where=where,
             display=spec.file,
             answer_field=answer_field,
+            sandbox=sandbox,
+            uid=uid,
         )
     assert spec.config_map is not None  # the model guarantees exactly one source
     ref = spec.config_map
@@ -271,5 +340,7 @@ def build_python(
         where=where,
         display=f"configMap {ref.name}/{ref.key}",
         answer_field=answer_field,
+        sandbox=sandbox,
+        uid=uid,
         temp_dir=temp_dir,
     )
