@@ -16,7 +16,15 @@ from .experiment import (
     RewardSpec,
     TrainingStatus,
 )
-from .manifests import Manifest, ManifestError, Problem, load_manifests, parse_document, rank_problem
+from .manifests import (
+    Manifest,
+    ManifestError,
+    Problem,
+    load_manifests,
+    parse_document,
+    rank_problem,
+    reward_memory_problems,
+)
 from .pool import SharedBasePool, SharedBasePoolSpec, SharedBasePoolStatus
 
 __all__ = [
@@ -48,5 +56,6 @@ __all__ = [
     "parse_document",
     "parse_quantity",
     "rank_problem",
+    "reward_memory_problems",
     "wire",
 ]

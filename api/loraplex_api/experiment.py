@@ -19,6 +19,7 @@ from .common import (
     ConfigMapKeyRef,
     Name,
     ObjectMeta,
+    Quantity,
     StatusModel,
     Timestamp,
     camel_config,
@@ -176,6 +177,10 @@ class PythonReward(CamelModel):
     config_map: ConfigMapKeyRef | None = None
     function: str = Field(default="reward", max_length=SHORT_STRING_MAX, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    memory: Quantity | None = Field(
+        default=None,
+        description="The worker's address space; default the pool's trainer.rewardLimits.memory.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PythonReward:

@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .experiment import LoRAExperiment
+from .common import parse_quantity
+from .experiment import LoRAExperiment, LoRAExperimentSpec
 from .pool import SharedBasePool
 from .wire import API_VERSION, EXPERIMENT_KIND, GROUP, POOL_KIND
 from .yaml_documents import DocumentError, load_documents
@@ -61,6 +62,25 @@ def rank_problem(name: str, rank: int, pool: SharedBasePool) -> Problem | None:
         return None
     message = f"{rank} exceeds pool {pool.metadata.name} capacity.maxLoRARank {limit}"
     return Problem(EXPERIMENT_KIND, name, "spec.lora.rank", message)
+
+
+def reward_memory_problems(name: str, spec: LoRAExperimentSpec, pool: SharedBasePool) -> list[Problem]:
+    """Python rewards asking for more memory than the pool's ``trainer.rewardLimits.maxMemory``."""
+    limit = pool.spec.trainer.reward_limits.max_memory
+    sources = [("spec.reward.python", spec.reward.python)]
+    sources += [(f"spec.reward.terms[{i}].python", t.python) for i, t in enumerate(spec.reward.terms or [])]
+    problems = []
+    for where, python in sources:
+        if (
+            python is not None
+            and python.memory is not None
+            and parse_quantity(python.memory) > parse_quantity(limit)
+        ):
+            message = (
+                f"{python.memory} exceeds pool {pool.metadata.name} trainer.rewardLimits.maxMemory {limit}"
+            )
+            problems.append(Problem(EXPERIMENT_KIND, name, f"{where}.memory", message))
+    return problems
 
 
 def field_path(loc: Iterable[int | str]) -> str:

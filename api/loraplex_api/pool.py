@@ -120,6 +120,26 @@ class ResourceRequirements(CamelModel):
     requests: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
 
 
+class RewardLimitsSpec(CamelModel):
+    """What each experiment's Python reward worker may use on this pool's replicas."""
+
+    memory: Quantity = Field(
+        default="2Gi", description="Address space per worker unless an experiment asks for other."
+    )
+    max_memory: Quantity = Field(
+        default="8Gi", description="The most an experiment's reward.python.memory may ask for."
+    )
+    processes: int = Field(
+        default=32, ge=1, le=4096, description="Processes per worker (its own and its children)."
+    )
+
+    @model_validator(mode="after")
+    def _within_max(self) -> RewardLimitsSpec:
+        if parse_quantity(self.memory) > parse_quantity(self.max_memory):
+            raise ValueError(f"memory: {self.memory} exceeds maxMemory {self.max_memory}")
+        return self
+
+
 class TrainerSpec(CamelModel):
     """The trainer pod template."""
 
@@ -138,6 +158,7 @@ class TrainerSpec(CamelModel):
         default="auto", description="auto = vllm when a GPU and vLLM are present, else torch."
     )
     vllm: VLLMSpec = Field(default_factory=VLLMSpec)
+    reward_limits: RewardLimitsSpec = Field(default_factory=RewardLimitsSpec)
 
 
 class StorageSpec(CamelModel):

@@ -55,10 +55,10 @@ from typing import Protocol
 from loraplex_api import LoRAExperimentSpec, SharedBasePool
 
 from .memory import ExperimentCost, ModelFacts, format_bytes, spec_cost
-from .validation import RANK_TOO_LARGE, TOO_LARGE, UNKNOWN_TARGET_MODULES, unfit
+from .validation import RANK_TOO_LARGE, REWARD_MEMORY_TOO_LARGE, TOO_LARGE, UNKNOWN_TARGET_MODULES, unfit
 
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
-UNFIT_REASONS = frozenset({RANK_TOO_LARGE, UNKNOWN_TARGET_MODULES, TOO_LARGE})
+UNFIT_REASONS = frozenset({RANK_TOO_LARGE, UNKNOWN_TARGET_MODULES, TOO_LARGE, REWARD_MEMORY_TOO_LARGE})
 """Reasons no amount of waiting fixes: the spec has to change."""
 
 SCALE_UP = "ScaleUp"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loraplex_api import Problem, rank_problem
+from loraplex_api import Problem, rank_problem, reward_memory_problems
 from loraplex_api.experiment import LoRAExperimentSpec
 from loraplex_api.pool import SharedBasePool
 from loraplex_api.wire import EXPERIMENT_KIND
@@ -22,6 +22,7 @@ from .memory import ExperimentCost, ModelFacts, format_bytes, spec_cost, unknown
 RANK_TOO_LARGE = "RankTooLarge"
 UNKNOWN_TARGET_MODULES = "UnknownTargetModules"
 TOO_LARGE = "TooLarge"
+REWARD_MEMORY_TOO_LARGE = "RewardMemoryTooLarge"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def unfit(
     rank = rank_problem(name, spec.lora.rank, pool)
     if rank is not None:
         found.append(Unfit(RANK_TOO_LARGE, rank))
+    found += [Unfit(REWARD_MEMORY_TOO_LARGE, p) for p in reward_memory_problems(name, spec, pool)]
     if facts is None:
         return found
     unknown = unknown_target_modules(facts, spec.lora.targets)

@@ -135,6 +135,10 @@ def test_wire_form_is_camel_case_and_round_trips() -> None:
             "SharedBasePool/smollm2: spec.model.uri: String should match pattern",
         ),
         (
+            with_spec(POOL, "trainer", {"rewardLimits": {"memory": "16Gi", "maxMemory": "8Gi"}}),
+            "SharedBasePool/smollm2: spec.trainer.rewardLimits.memory: 16Gi exceeds maxMemory 8Gi",
+        ),
+        (
             with_spec(POOL, "capacity", {"adapterMemoryBudget": "lots"}),
             "SharedBasePool/smollm2: spec.capacity.adapterMemoryBudget: 'lots' is not a Kubernetes quantity",
         ),

@@ -270,6 +270,21 @@ def test_suspend_unplaces_without_a_restart_and_resume_places_again() -> None:
     assert world.status("a")["observedGeneration"] == 3
 
 
+def test_a_reward_asking_for_more_memory_than_the_pool_allows_is_invalid() -> None:
+    greedy = exp_body("greedy", reward={"python": {"file": "r.py", "memory": "16Gi"}})
+    terms = [{"weight": 1, "python": {"file": "r.py", "memory": "4Gi"}}]
+    fine = exp_body("fine", reward={"terms": terms})
+    world = World(pool_body(trainer={"rewardLimits": {"maxMemory": "8Gi"}}), [greedy, fine], [pod_body(0)])
+    world.step()
+    failed = world.condition("greedy", "Failed")
+    assert failed is not None and failed["reason"] == "InvalidSpec"
+    assert (
+        "spec.reward.python.memory: 16Gi exceeds pool p trainer.rewardLimits.maxMemory 8Gi"
+        in failed["message"]
+    )
+    assert world.status("fine")["placement"]["replica"] == "p-0"
+
+
 def test_deadline_counts_from_the_start() -> None:
     world = World(pool_body(), [exp_body("a", activeDeadlineSeconds=60)], [pod_body(0)])
     world.step()

@@ -235,7 +235,7 @@ class Agent:
             uri, dtype, device, time.monotonic() - started,
         )  # fmt: skip
         self._write_model_status()
-        return Trainer(base, sandbox=self.sandbox)
+        return Trainer(base, sandbox=self.sandbox.for_pool(pool.spec.trainer.reward_limits))
 
     def _loop(self) -> None:
         next_sync = 0.0

@@ -16,7 +16,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from loraplex_api import LoRAExperiment, ManifestError, SharedBasePool, load_manifests, rank_problem
+from loraplex_api import (
+    LoRAExperiment,
+    ManifestError,
+    SharedBasePool,
+    load_manifests,
+    rank_problem,
+    reward_memory_problems,
+)
 
 from .experiment import Experiment, State
 from .loop import Trainer
@@ -52,8 +59,10 @@ def select(files: Sequence[str]) -> tuple[SharedBasePool, list[tuple[LoRAExperim
                 f"is not the pool in these files ({pool.metadata.name!r})"
             )
         too_large = rank_problem(exp.metadata.name, exp.spec.lora.rank, pool)
-        if too_large is not None:
-            raise SetupError(str(too_large))
+        problems = [too_large] if too_large is not None else []
+        problems += reward_memory_problems(exp.metadata.name, exp.spec, pool)
+        if problems:
+            raise SetupError(str(problems[0]))
     if not experiments:
         raise SetupError(f"no LoRAExperiment references pool {pool.metadata.name!r}")
     names = [e.metadata.name for e, _ in experiments]
@@ -112,11 +121,11 @@ def _log_progress(console: Console, experiments: Sequence[Experiment], seconds: 
     console.print(f"step {seconds:.1f}s | " + " | ".join(parts), markup=False, highlight=False)
 
 
-def reward_sandbox() -> SandboxConfig:
-    """Harden this process against its reward workers and read how to start them (env)."""
+def reward_sandbox(pool: SharedBasePool) -> SandboxConfig:
+    """Harden this process against its reward workers; how to start them (env and the pool's limits)."""
     harden_trainer()
     try:
-        return SandboxConfig.from_env()
+        return SandboxConfig.from_env().for_pool(pool.spec.trainer.reward_limits)
     except ValueError as exc:
         raise SetupError(str(exc)) from None
 
@@ -168,7 +177,7 @@ def train(args: argparse.Namespace) -> int:
     )
     try:
         pool, specs = select(args.files)
-        sandbox = reward_sandbox()
+        sandbox = reward_sandbox(pool)
         out = check_output(Path(args.output))
         # From here on a signal checkpoints and exits 0; before, there is nothing to save.
         stop = GracefulStop().install()

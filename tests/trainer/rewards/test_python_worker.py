@@ -250,3 +250,23 @@ def test_close_stops_the_worker(build) -> None:
     reward.close()  # idempotent
     with pytest.raises(RewardError, match=r"called after close\(\)"):
         reward(SAMPLES)
+
+
+def test_an_experiments_own_memory_limit_is_the_workers_and_is_named_when_hit(tmp_path: Path) -> None:
+    (tmp_path / "greedy.py").write_text("def reward(p, c, r):\n    return float(len(bytearray(400 << 20)))\n")
+    spec = RewardSpec.model_validate({"python": {"file": "greedy.py", "memory": "256Mi"}})
+    reward = build_reward(spec, base_dir=tmp_path)
+    try:
+        with pytest.raises(
+            RewardError, match=r"MemoryError.*\(limit: memory, 268435456 bytes of address space"
+        ):
+            reward(SAMPLES)
+    finally:
+        reward.close()
+    roomy = build_reward(
+        RewardSpec.model_validate({"python": {"file": "greedy.py", "memory": "1Gi"}}), base_dir=tmp_path
+    )
+    try:
+        assert roomy(SAMPLES[:1]) == [float(400 << 20)]
+    finally:
+        roomy.close()

@@ -323,7 +323,7 @@ def build_python(
             where=where,
             display=spec.file,
             answer_field=answer_field,
-            sandbox=sandbox,
+            sandbox=(sandbox or SandboxConfig()).with_memory(spec.memory),
             uid=uid,
         )
     assert spec.config_map is not None  # the model guarantees exactly one source
@@ -340,7 +340,7 @@ def build_python(
         where=where,
         display=f"configMap {ref.name}/{ref.key}",
         answer_field=answer_field,
-        sandbox=sandbox,
+        sandbox=(sandbox or SandboxConfig()).with_memory(spec.memory),
         uid=uid,
         temp_dir=temp_dir,
     )

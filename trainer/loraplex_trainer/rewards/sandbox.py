@@ -34,9 +34,11 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from loraplex_api import parse_quantity
+from loraplex_api.pool import RewardLimitsSpec
 from loraplex_api.wire import REWARD_PYTHON_ENV, REWARD_UIDS_ENV
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,21 @@ class SandboxConfig:
     uids: range | None = None
     """Per-experiment uids to run workers as; only usable when the trainer is root."""
     limits: Limits = Limits()
+
+    def for_pool(self, limits: RewardLimitsSpec) -> SandboxConfig:
+        """The same, with the pool's ``trainer.rewardLimits``."""
+        return replace(
+            self,
+            limits=replace(
+                self.limits, memory_bytes=parse_quantity(limits.memory), processes=limits.processes
+            ),
+        )
+
+    def with_memory(self, memory: str | int | None) -> SandboxConfig:
+        """The same, with an experiment's own ``reward.python.memory`` when it gives one."""
+        if memory is None:
+            return self
+        return replace(self, limits=replace(self.limits, memory_bytes=parse_quantity(memory)))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> SandboxConfig:
