@@ -46,6 +46,10 @@ REWARD_UIDS_ENV = "LORAPLEX_REWARD_UIDS"
 REWARD_PYTHON_ENV = "LORAPLEX_REWARD_PYTHON"
 """The interpreter reward workers run (one their uids may execute); default: the trainer's own."""
 
+REWARD_CONFINEMENT_ENV = "LORAPLEX_REWARD_CONFINEMENT"
+"""``required`` (set in trainer pods): a reward worker that can be neither Landlocked nor given its
+own uid fails its experiment instead of running unconfined."""
+
 STORAGE_MOUNT = "/var/lib/loraplex"
 """Where the pool's storage is mounted in a trainer pod (adapters, checkpoints, metrics)."""
 HEALTH_PORT = 8081

@@ -22,6 +22,7 @@ from loraplex_api.wire import (
     POOL_ENV,
     POOL_KIND,
     POOL_LABEL,
+    REWARD_CONFINEMENT_ENV,
     STORAGE_MOUNT,
     promoted_configmap_name,
 )
@@ -35,7 +36,7 @@ MAX_POOL_NAME = 52
 """The StatefulSet controller labels pods with ``<name>-<10-char hash>``, and a label value has 63 characters."""
 
 TRAINER_NAME = "loraplex-trainer"
-RESERVED_ENV = frozenset({POD_NAME_ENV, POD_NAMESPACE_ENV, POOL_ENV})
+RESERVED_ENV = frozenset({POD_NAME_ENV, POD_NAMESPACE_ENV, POOL_ENV, REWARD_CONFINEMENT_ENV})
 
 
 class RenderError(ValueError):
@@ -208,6 +209,8 @@ def _env(pool: SharedBasePool) -> list[dict[str, Any]]:
         {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": POD_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": POOL_ENV, "value": pool.metadata.name},
+        # Tenants share this pod: a reward worker that cannot be confined must not run at all.
+        {"name": REWARD_CONFINEMENT_ENV, "value": "required"},
     ]
     return env
 

@@ -129,6 +129,8 @@ def test_pod_identity_env_cannot_be_shadowed() -> None:
     assert by_name["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert by_name["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert by_name["LORAPLEX_POOL"]["value"] == "smol"
+    # Tenants share the pod: a reward worker that cannot be confined must not run.
+    assert by_name["LORAPLEX_REWARD_CONFINEMENT"]["value"] == "required"
     assert by_name["NCCL_DEBUG"]["value"] == "WARN"
     assert by_name["TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "s", "key": "k"}
 

@@ -38,6 +38,7 @@ import os, signal, sys, time
 DONE = set()
 VICTIM = {victim!r}
 MODEL = {model!r}
+TOKEN = {token!r}
 
 
 def report(name, outcome):
@@ -84,7 +85,7 @@ def fork_bomb():
     try:
         for _ in range(500):
             if os.fork() == 0:
-                time.sleep(600)
+                time.sleep(60)
                 os._exit(0)
             children += 1
     except OSError as exc:
@@ -96,7 +97,7 @@ def outlive():
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
-            time.sleep(600)
+            time.sleep(30)
             os._exit(0)
         os._exit(0)
     time.sleep(0.2)
@@ -112,6 +113,7 @@ def reward(prompt, completion, row):
     attempt("read-trainer-memory", scan_trainer_memory)
     attempt("read-trainer-environ", read_trainer_environ)
     attempt("kill-trainer", lambda: os.kill(os.getppid(), signal.SIGKILL))
+    attempt("read-service-account-token", lambda: open(TOKEN).read())
     report("env-secret-visible", {secret!r} in repr(dict(os.environ)))
     report("env-keys", ",".join(sorted(os.environ)))
     attempt("allocate-3GiB", lambda: len(bytearray(3 << 30)))
@@ -151,8 +153,16 @@ def world(parent: Path, model_dir: Path, attacker_source: str) -> tuple[Path, Pa
     out.chmod(0o755)
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "note": SECRET_ROW} for i in range(8)]
     (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A world-readable secret outside the worker's paths, as a pod's service-account token is.
+    token = root / "serviceaccount" / "token"
+    token.parent.mkdir()
+    token.write_text("eyJhbGciOi-not-for-rewards")
+    token.parent.chmod(0o755)
+    token.chmod(0o644)
     (root / "attacker.py").write_text(
-        attacker_source.format(victim=str(out / "victim"), model=str(model), secret=SECRET_ENV)
+        attacker_source.format(
+            victim=str(out / "victim"), model=str(model), secret=SECRET_ENV, token=str(token)
+        )
     )
 
     def experiment(name: str, reward: dict[str, object]) -> dict[str, object]:
@@ -190,14 +200,15 @@ def world(parent: Path, model_dir: Path, attacker_source: str) -> tuple[Path, Pa
     return file, out
 
 
-def train(file: Path, out: Path) -> subprocess.CompletedProcess[str]:
+def train(file: Path, out: Path, *, own_uids: bool = True) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "cli", "operator", "trainer")),
-        "LORAPLEX_REWARD_UIDS": f"{UIDS.start}-{UIDS.stop - 1}",
         "LORAPLEX_REWARD_PYTHON": WORKER_PYTHON,
         "LORAPLEX_TEST_SECRET": SECRET_ENV,
     }
+    if own_uids:
+        env["LORAPLEX_REWARD_UIDS"] = f"{UIDS.start}-{UIDS.stop - 1}"
     command = [sys.executable, "-m", "loraplex_cli", "train", str(file), "--output", str(out), "--no-live"]
     return subprocess.run([*command, "--threads", "1"], env=env, capture_output=True, text=True, timeout=300)
 
@@ -237,16 +248,19 @@ def survivors(timeout: float = 10.0) -> list[int]:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("own_uids", [True, False], ids=["own-uid", "trainer-uid"])
 def test_a_hostile_reward_reaches_nothing_and_the_victim_trains_as_if_alone(
-    shared: Path, tiny_model_dir: Path
+    own_uids: bool, shared: Path, tiny_model_dir: Path
 ) -> None:
+    """own-uid: a pod's reward uid range. trainer-uid: the worker shares the trainer's uid, as in
+    today's trainer pods (uid 1000) and on a laptop; here that uid is root, the hardest case."""
     calm_file, calm_out = world(shared / "calm", tiny_model_dir, HARMLESS)
-    calm = train(calm_file, calm_out)
+    calm = train(calm_file, calm_out, own_uids=own_uids)
     assert calm.returncode == 0, calm.stderr[-3000:]
 
     file, out = world(shared / "hostile", tiny_model_dir, ATTACKER)
     started = time.monotonic()
-    hostile = train(file, out)
+    hostile = train(file, out, own_uids=own_uids)
     assert hostile.returncode == 0, hostile.stderr[-3000:]
     assert time.monotonic() - started < 240
     seen = attacks(hostile.stderr)
@@ -260,6 +274,7 @@ def test_a_hostile_reward_reaches_nothing_and_the_victim_trains_as_if_alone(
         "read-trainer-memory",
         "read-trainer-environ",
         "kill-trainer",
+        "read-service-account-token",
     ):
         assert seen.get(name, "").startswith("denied"), (name, seen)
     assert seen["env-secret-visible"] == "False"
@@ -267,7 +282,8 @@ def test_a_hostile_reward_reaches_nothing_and_the_victim_trains_as_if_alone(
         seen["env-keys"] == "HOME,LANG,PATH,PYTHONDONTWRITEBYTECODE,PYTHONNOUSERSITE,PYTHONUNBUFFERED,TMPDIR"
     )
     assert seen["allocate-3GiB"] == "denied MemoryError"
-    assert seen["fork-bomb"].startswith("stopped after") and int(seen["fork-bomb"].split()[2]) < 40
+    if own_uids:  # RLIMIT_NPROC counts per uid, and root is exempt from it
+        assert seen["fork-bomb"].startswith("stopped after") and int(seen["fork-bomb"].split()[2]) < 40
 
     # The 64 MiB line reached neither the trainer's output nor its summary in full.
     assert len(hostile.stderr) < 2 << 20
@@ -281,8 +297,8 @@ def test_a_hostile_reward_reaches_nothing_and_the_victim_trains_as_if_alone(
     }
     ours = (out / "victim" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert ours == (calm_out / "victim" / "adapter" / "adapter_model.safetensors").read_bytes()
-    # Nothing of the workers' uids outlives the run: not the fork bomb, not the detached grandchild.
-    assert survivors() == []
+    if own_uids:  # nothing of the workers' uids outlives the run, not even a detached grandchild
+        assert survivors() == []
 
 
 LIMITS = {

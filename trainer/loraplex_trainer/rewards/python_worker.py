@@ -233,6 +233,13 @@ class PythonFunctionReward:
             confinement.get("signals_confined"),
         )  # fmt: skip
         if self.uid is None and not confinement.get("landlock_abi"):
+            if self.sandbox.require_confinement:
+                worker.stop()
+                raise RewardError(
+                    f"{self._where}: {self._name} cannot be confined on this node: its kernel has no "
+                    "Landlock and the trainer has no uid range for reward workers; the pod requires "
+                    "confinement (LORAPLEX_REWARD_CONFINEMENT=required)"
+                )
             logger.warning(
                 "reward_worker_unconfined function=%s: no Landlock in this kernel and no uid of its own, "
                 "so the worker can read and write what the trainer's uid can",

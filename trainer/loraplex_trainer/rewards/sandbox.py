@@ -39,7 +39,7 @@ from pathlib import Path
 
 from loraplex_api import parse_quantity
 from loraplex_api.pool import RewardLimitsSpec
-from loraplex_api.wire import REWARD_PYTHON_ENV, REWARD_UIDS_ENV
+from loraplex_api.wire import REWARD_CONFINEMENT_ENV, REWARD_PYTHON_ENV, REWARD_UIDS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class SandboxConfig:
     uids: range | None = None
     """Per-experiment uids to run workers as; only usable when the trainer is root."""
     limits: Limits = Limits()
+    require_confinement: bool = False
+    """Refuse to run a worker that has neither Landlock nor a uid of its own (trainer pods)."""
 
     def for_pool(self, limits: RewardLimitsSpec) -> SandboxConfig:
         """The same, with the pool's ``trainer.rewardLimits``."""
@@ -107,7 +109,14 @@ class SandboxConfig:
                 ) from None
             if uids.start < 1000 or not uids:
                 raise ValueError(f"${REWARD_UIDS_ENV}: {text!r} must be a non-empty range of uids >= 1000")
-        return cls(python=env.get(REWARD_PYTHON_ENV) or sys.executable, uids=uids)
+        required = env.get(REWARD_CONFINEMENT_ENV, "").strip()
+        if required not in ("", "required", "best-effort"):
+            raise ValueError(f"${REWARD_CONFINEMENT_ENV}: {required!r} is not 'required' or 'best-effort'")
+        return cls(
+            python=env.get(REWARD_PYTHON_ENV) or sys.executable,
+            uids=uids,
+            require_confinement=required == "required",
+        )
 
 
 class UidPool:

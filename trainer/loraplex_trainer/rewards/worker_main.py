@@ -255,6 +255,8 @@ def _confine(config: dict[str, Any]) -> None:
     if sys.platform.startswith("linux") and libc_name:
         libc = ctypes.CDLL(libc_name)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the trainer
+        # Non-dumpable: another worker of the same uid cannot read this one's memory or ptrace it.
+        libc.prctl(4, 0, 0, 0, 0)
         if os.getppid() != config["parent"]:  # the trainer died before the line above
             os._exit(1)
     config["signals_confined"] = _forbid_foreign_signals()
