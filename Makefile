@@ -52,6 +52,7 @@ crds: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(PY) bench/bench_scheduler.py
 	$(PY) bench/bench_validate.py
+	$(PY) bench/bench_reward_sandbox.py
 	$(PY) bench/bench_multilora.py
 
 clean:
