@@ -249,7 +249,9 @@ def test_a_disk_that_fills_up_mid_run_stops_with_one_line_and_the_rerun_resumes(
                 f.flush()
         _, err = process.communicate(timeout=60)
         assert process.returncode == 1, err[-2000:]
-        (line,) = [x for x in err.splitlines() if "the run stopped" in x]  # log lines aside, one message
+        stopped = [x for x in err.splitlines() if "the run stopped" in x]  # log lines aside, one message
+        assert len(stopped) == 1, err[-3000:]
+        line = stopped[0]
         assert line.startswith(str(out)) and "No space left on device; the run stopped." in line
         assert line.endswith("every experiment resumes from its last checkpoint")
         assert "Traceback" not in err

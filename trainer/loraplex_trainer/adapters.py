@@ -8,7 +8,10 @@ vLLM load them unchanged.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -28,6 +32,20 @@ logger = logging.getLogger(__name__)
 # PEFT's prefix for a causal LM: PeftModelForCausalLM.base_model (LoraModel).model (the HF model).
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, raising OSError (with its errno, e.g. ENOSPC) when the write fails.
+
+    safetensors reports I/O errors as its own exception type; callers that handle a full or
+    read-only disk look for OSError.
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"(?:os error|code:) (\d+)", str(exc))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 class MultiLoRAModel(nn.Module):
@@ -204,7 +222,7 @@ class MultiLoRAModel(nn.Module):
             base_model_name_or_path=base_model_name_or_path,
         ).save_pretrained(str(directory))
         state = {key: tensor.cpu().contiguous() for key, tensor in self.adapter_state_dict(name).items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_tensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
         logger.info("adapter saved name=%s directory=%s tensors=%d", name, directory, len(state))
 
     def load_adapter(self, name: str, directory: str | Path) -> AdapterConfig:

@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .adapters import WEIGHTS_NAME, MultiLoRAModel
+from .adapters import WEIGHTS_NAME, MultiLoRAModel, save_tensors
 from .optim import AdapterOptimizer
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _save_optimizer(state: dict[str, Any], path: Path) -> None:
             else:
                 scalars.setdefault(str(index), {})[key] = value
     metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
-    save_file(tensors, str(path), metadata=metadata)
+    save_tensors(tensors, path, metadata=metadata)
 
 
 def _write_manifest(folder: Path) -> None:
