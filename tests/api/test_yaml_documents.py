@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,8 +11,7 @@ import pytest
 
 from loraplex_api import yaml_documents
 from loraplex_api.yaml_documents import DocumentError, check_bounds, load_documents
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import checkout_env, loraplex
 
 
 def billion_laughs(levels: int = 9) -> str:
@@ -78,11 +75,10 @@ def test_validate_refuses_a_bomb_within_bounded_time_and_memory(tmp_path: Path) 
     def limit_memory() -> None:  # a child that expanded the bomb would die of MemoryError
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "cli"))}
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "loraplex_cli", "validate", str(bomb), str(deep), str(latin1)],
-        env=env, capture_output=True, text=True, timeout=60, preexec_fn=limit_memory,
+        loraplex("validate", str(bomb), str(deep), str(latin1)),
+        env=checkout_env(), capture_output=True, text=True, timeout=60, preexec_fn=limit_memory,
     )  # fmt: skip
     assert time.monotonic() - started < 20
     assert done.returncode == 1

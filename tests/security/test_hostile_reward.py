@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import checkout_env, loraplex
+
 WORKER_PYTHON = "/usr/bin/python3"  # the trainer's interpreter lives under /root (0700) here
 SECRET_ENV = "hunter2-env"
 SECRET_ROW = "hunter2-row"
@@ -201,16 +201,11 @@ def world(parent: Path, model_dir: Path, attacker_source: str) -> tuple[Path, Pa
 
 
 def train(file: Path, out: Path, *, own_uids: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "cli", "operator", "trainer")),
-        "LORAPLEX_REWARD_PYTHON": WORKER_PYTHON,
-        "LORAPLEX_TEST_SECRET": SECRET_ENV,
-    }
+    env = checkout_env(LORAPLEX_REWARD_PYTHON=WORKER_PYTHON, LORAPLEX_TEST_SECRET=SECRET_ENV)
     if own_uids:
         env["LORAPLEX_REWARD_UIDS"] = f"{UIDS.start}-{UIDS.stop - 1}"
-    command = [sys.executable, "-m", "loraplex_cli", "train", str(file), "--output", str(out), "--no-live"]
-    return subprocess.run([*command, "--threads", "1"], env=env, capture_output=True, text=True, timeout=300)
+    command = loraplex("train", str(file), "--output", str(out), "--no-live", "--threads", "1")
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 def attacks(stderr: str) -> dict[str, str]:

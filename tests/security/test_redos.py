@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,14 +14,10 @@ import yaml
 
 from loraplex_trainer.rewards import RewardError, Sample
 from loraplex_trainer.rewards.builtin import BuiltinRewardFunction
+from tests.processes import checkout_env, loraplex
 from tests.trainer.test_standalone import manifests
 
-REPO = Path(__file__).resolve().parents[2]
 EVIL = "^(.|.)*X$"  # exponential for a backtracking engine on any text without an X
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "cli", "operator", "trainer")),
-}
 
 
 def test_a_catastrophic_pattern_scores_long_completions_at_once() -> None:
@@ -39,7 +34,9 @@ def test_a_catastrophic_pattern_scores_long_completions_at_once() -> None:
         """
     )
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=checkout_env(), capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0.0, 0.0, 0.0, 0.0]"
     assert time.monotonic() - started < 30
@@ -68,8 +65,8 @@ def run_pair(tmp_path: Path, model_dir: Path, pattern: str) -> tuple[float, dict
         doc["spec"]["algorithm"]["maxNewTokens"] = 48  # long completions: 2^48 paths for a backtracker
     file.write_text(yaml.safe_dump_all(docs))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "loraplex_cli", "train", str(file), "--output", str(out), "--no-live"]
-    done = subprocess.run([*command, "--threads", "1"], env=ENV, capture_output=True, text=True, timeout=120)
+    command = loraplex("train", str(file), "--output", str(out), "--no-live", "--threads", "1")
+    done = subprocess.run(command, env=checkout_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     steps = [json.loads(line) for line in (out / "short" / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())

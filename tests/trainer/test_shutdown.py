@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,10 +12,10 @@ import pytest
 import yaml
 
 from loraplex_trainer.checkpoint import list_checkpoints, verify
+from tests.processes import checkout_env, loraplex
 
 from .test_standalone import manifests
 
-REPO = Path(__file__).resolve().parents[2]
 NAMES = ("short", "digits")
 
 
@@ -32,14 +30,8 @@ def long_run(tmp_path: Path, model_dir: Path) -> Path:
 
 
 def start(file: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "cli", "operator", "trainer")),
-    }
-    command = [sys.executable, "-m", "loraplex_cli", "train", str(file), "--output", str(out), "--no-live"]
-    return subprocess.Popen(
-        [*command, "--threads", "1", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    command = loraplex("train", str(file), "--output", str(out), "--no-live", "--threads", "1", *extra)
+    return subprocess.Popen(command, env=checkout_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def steps_done(out: Path, name: str) -> int:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplex_cli.main import main
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import checkout_env, loraplex
 
 
 def manifests(tmp_path: Path, model_dir: Path, *, steps: int = 3) -> Path:
@@ -220,22 +217,10 @@ def test_a_disk_that_fills_up_mid_run_stops_with_one_line_and_the_rerun_resumes(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     file = manifests(tmp_path, tiny_model_dir, steps=2000)  # far more than run before the disk fills
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "cli", "operator", "trainer")),
-    }
+    env = checkout_env()
     with tmpfs(tmp_path / "disk", "20m") as disk:
         out = disk / "out"
-        command = [
-            sys.executable,
-            "-m",
-            "loraplex_cli",
-            "train",
-            str(file),
-            "--output",
-            str(out),
-            "--no-live",
-        ]
+        command = loraplex("train", str(file), "--output", str(out), "--no-live")
         process = subprocess.Popen([*command, "--threads", "1"], env=env, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         metrics = out / "short" / "metrics.jsonl"

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import urllib.request
 
+from tests.processes import checkout_env
+
 from .builders import pool
-from .conftest import REPO, Cluster, wait_for
+from .conftest import Cluster, wait_for
 
 
 def free_port() -> int:
@@ -21,12 +22,7 @@ def free_port() -> int:
 
 def test_the_cli_runs_the_operator_with_liveness_and_metrics(cluster: Cluster) -> None:
     health, metrics = free_port(), free_port()
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(cluster.kubeconfig),
-        "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("api", "operator", "trainer")),
-        "LORAPLEX_RESYNC_SECONDS": "1",
-    }
+    env = checkout_env(KUBECONFIG=str(cluster.kubeconfig), LORAPLEX_RESYNC_SECONDS="1")
     command = [sys.executable, "-m", "loraplex_cli", "operator", "--namespace", "default", "--standalone"]
     command += [f"--liveness=http://127.0.0.1:{health}/healthz", f"--metrics-port={metrics}"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -8,10 +8,8 @@ late, and drop an adapter whose placement moves to another replica.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -25,7 +23,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from loraplex_trainer.agent import Agent, AgentConfig
 from loraplex_trainer.checkpoint import verify
 from loraplex_trainer.cluster import ClusterClient
-from tests.operator.integration.conftest import NAMESPACE, REPO, Cluster, wait_for
+from tests.operator.integration.conftest import NAMESPACE, Cluster, wait_for
+from tests.processes import checkout_env, loraplex
 
 T = TypeVar("T")
 
@@ -254,15 +253,10 @@ def test_loraplex_agent_process_stops_on_sigterm(
 ) -> None:
     """The real entry point: identity from the env the pod sets, exit code 0 after SIGTERM."""
     cluster.api.create(pool(tiny_model_dir))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(str(REPO / part) for part in ("api", "cli", "operator", "trainer")),
-        "KUBECONFIG": str(cluster.kubeconfig),
-        "LORAPLEX_POOL": "tiny",
-        "POD_NAMESPACE": NAMESPACE,
-        "POD_NAME": REPLICA,
-    }
-    command = [sys.executable, "-m", "loraplex_cli", "agent", f"--storage={tmp_path}"]
+    env = checkout_env(
+        KUBECONFIG=str(cluster.kubeconfig), LORAPLEX_POOL="tiny", POD_NAMESPACE=NAMESPACE, POD_NAME=REPLICA
+    )
+    command = loraplex("agent", f"--storage={tmp_path}")
     process = subprocess.Popen(
         [*command, "--health-port=0", "--metrics-port=0"],
         env=env,

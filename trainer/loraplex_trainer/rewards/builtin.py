@@ -17,11 +17,12 @@ Arguments (``reward.builtin.args``) per reward; an unknown argument is an error:
     required) in ``unit`` ``chars`` or ``words`` (whitespace-separated); above ``target`` it falls
     linearly to 0 at ``target + falloff`` (``falloff`` defaults to ``target``); below ``min`` it is
     ``length / min``.
-Patterns are RE2 syntax (linear-time; no backreferences or lookarounds), which differs from
-Python's ``re`` in small ways: ``$`` matches only at the very end of the text, not before a final
-newline (write ``\n?$``), and the end-of-text escape is ``\z``, not ``\Z``.
 ``contains_answer``: 1.0 when the row's answer appears in the completion. ``casefold`` (false);
     ``whole_word`` (true) stops answer ``5`` from matching inside ``15``.
+
+Patterns are RE2 syntax (linear-time; no backreferences or lookarounds), which differs from
+Python's ``re`` in small ways: ``$`` matches only at the very end of the text, not before a final
+newline (write ``\\n?$``), and the end-of-text escape is ``\\z``, not ``\\Z``.
 """
 
 from __future__ import annotations
