@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.processes import checkout_env, loraplex
+from tests.trainer.test_standalone import manifests
 
 WORKER_PYTHON = "/usr/bin/python3"  # the trainer's interpreter lives under /root (0700) here
 SECRET_ENV = "hunter2-env"
@@ -151,8 +152,6 @@ def world(parent: Path, model_dir: Path, attacker_source: str) -> tuple[Path, Pa
     out = root / "out"
     out.mkdir()
     out.chmod(0o755)
-    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "note": SECRET_ROW} for i in range(8)]
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # A world-readable secret outside the worker's paths, as a pod's service-account token is.
     token = root / "serviceaccount" / "token"
     token.parent.mkdir()
@@ -165,38 +164,19 @@ def world(parent: Path, model_dir: Path, attacker_source: str) -> tuple[Path, Pa
         )
     )
 
-    def experiment(name: str, reward: dict[str, object]) -> dict[str, object]:
-        return {
-            "apiVersion": "loraplex.dev/v1alpha1",
-            "kind": "LoRAExperiment",
-            "metadata": {"name": name},
-            "spec": {
-                "poolRef": {"name": "tiny"},
-                "lora": {"rank": 2, "alpha": 4},
-                "dataset": {"file": "rows.jsonl", "evalFraction": 0.25},
-                "reward": reward,
-                "algorithm": {
-                    "groupSize": 2,
-                    "promptsPerStep": 2,
-                    "maxSteps": 3,
-                    "maxNewTokens": 5,
-                    "seed": 7,
-                },
-                "optimizer": {"learningRate": 0.01},
-                "checkpoint": {"everySteps": 1, "keepLast": 3},
-            },
-        }
-
-    pool = {
-        "apiVersion": "loraplex.dev/v1alpha1",
-        "kind": "SharedBasePool",
-        "metadata": {"name": "tiny"},
-        "spec": {"model": {"name": "tiny", "uri": f"file://{model}"}},
-    }
-    victim = experiment("victim", {"builtin": {"name": "length", "args": {"target": 3}}})
-    attacker = experiment("attacker", {"python": {"file": "attacker.py", "timeoutSeconds": 60}})
-    file = root / "run.yaml"
+    # The standalone tests' two experiments, renamed: a victim with a builtin reward, the attacker.
+    file = manifests(root, model, steps=3)
+    pool, victim, attacker = yaml.safe_load_all(file.read_text())
+    for doc, name in ((victim, "victim"), (attacker, "attacker")):
+        doc["metadata"]["name"] = name
+        doc["spec"]["algorithm"]["seed"] = 7
+        doc["spec"]["checkpoint"] = {"everySteps": 1, "keepLast": 3}
+    victim["spec"]["reward"] = {"builtin": {"name": "length", "args": {"target": 3}}}
+    attacker["spec"]["reward"] = {"python": {"file": "attacker.py", "timeoutSeconds": 60}}
     file.write_text(yaml.safe_dump_all([pool, victim, attacker]))
+    # manifests() wrote its rows; these carry a secret the attacker must not find.
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "note": SECRET_ROW} for i in range(8)]
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return file, out
 
 
