@@ -33,15 +33,7 @@ SAMPLES = [["Sort: 3 1 2", "1 2 3", {"prompt": "Sort: 3 1 2", "answer": "1 2 3",
 def run(confined: bool, calls: int) -> tuple[float, float]:
     """(seconds to start and load, mean seconds per call)."""
     home = WorkerHome.create(REWARD, None)
-    limits = SandboxConfig().limits
-    config = {
-        "memory_bytes": limits.memory_bytes,
-        "file_bytes": limits.file_bytes,
-        "open_files": limits.open_files,
-        "processes": limits.processes,
-        "own_uid": False,
-        "parent": os.getpid(),
-    }
+    config = SandboxConfig().limits.worker_config(own_uid=False)
     argv = [sys.executable, str(home.script), str(home.source), "sorted_prefix"]
     if confined:
         argv.append(json.dumps(config))

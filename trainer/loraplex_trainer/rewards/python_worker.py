@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import queue
 import shutil
 import signal
@@ -47,16 +46,8 @@ class _Worker:
     def __init__(self, home: WorkerHome, function: str, sandbox: SandboxConfig) -> None:
         self.home = home
         self.python = sandbox.python
-        limits = sandbox.limits
-        config = {
-            "memory_bytes": limits.memory_bytes,
-            "file_bytes": limits.file_bytes,
-            "open_files": limits.open_files,
-            "processes": limits.processes,
-            "own_uid": home.uid is not None,
-            "parent": os.getpid(),
-        }
         own_uid = home.uid is not None
+        config = sandbox.limits.worker_config(own_uid=own_uid)
         self.process = subprocess.Popen(
             [self.python, str(home.script), str(home.source), function, json.dumps(config)],
             stdin=subprocess.PIPE,

@@ -64,8 +64,16 @@ class Limits:
     processes: int = 32
     """Enforced when the worker has a uid of its own (the kernel counts processes per uid)."""
 
-    def as_args(self) -> list[str]:
-        return [str(self.memory_bytes), str(self.file_bytes), str(self.open_files), str(self.processes)]
+    def worker_config(self, *, own_uid: bool) -> dict[str, int | bool]:
+        """The JSON config worker_main.py confines itself by (its third argument)."""
+        return {
+            "memory_bytes": self.memory_bytes,
+            "file_bytes": self.file_bytes,
+            "open_files": self.open_files,
+            "processes": self.processes,
+            "own_uid": own_uid,
+            "parent": os.getpid(),
+        }
 
 
 @dataclass(frozen=True)
