@@ -56,7 +56,10 @@ class LoRASpec(CamelModel):
     model_config = camel_config(
         json_schema_extra=cel_rules(
             {
-                "rule": f"!('{ALL_LINEAR}' in self.targetModules) || size(self.targetModules) == 1",
+                # Guarded with has(): the field is optional, and the API server evaluates the rule
+                # before any default, so an unguarded read fails every lora block without it.
+                "rule": f"!has(self.targetModules) || !('{ALL_LINEAR}' in self.targetModules) "
+                "|| size(self.targetModules) == 1",
                 "message": f"targetModules: '{ALL_LINEAR}' cannot be combined with other modules",
             }
         )
