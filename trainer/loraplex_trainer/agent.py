@@ -48,6 +48,7 @@ from loraplex_api.wire import (
 from .assignment import Assignment, config_map_refs, plan, select
 from .checkpoint import list_checkpoints, saved_extra, step_of
 from .cluster import API_ERRORS, ClusterClient, StatusWriter
+from .cpus import cpu_budget
 from .experiment import Experiment, State
 from .health import HealthServer
 from .loop import Trainer
@@ -453,6 +454,11 @@ def run(args: argparse.Namespace) -> int:
         log.error("event=kube_config_missing error=%r", str(exc))
         return 1
     harden_trainer()
+    import torch
+
+    threads = min(torch.get_num_threads(), cpu_budget())  # the pod's CPU limit, not the node's cores
+    torch.set_num_threads(threads)
+    log.info("event=torch_threads threads=%d", threads)
     try:
         sandbox = SandboxConfig.from_env()
     except ValueError as exc:

@@ -25,6 +25,7 @@ from loraplex_api import (
     reward_memory_problems,
 )
 
+from .cpus import cpu_budget
 from .experiment import Experiment, State
 from .loop import Trainer
 from .model_host import BaseModel, load_base_model, resolve_device, resolve_dtype
@@ -181,12 +182,12 @@ def train(args: argparse.Namespace) -> int:
         out = check_output(Path(args.output))
         # From here on a signal checkpoints and exits 0; before, there is nothing to save.
         stop = GracefulStop().install()
-        if args.threads is not None:
-            import torch
+        import torch
 
-            # Intra-op threads that compete with other processes for the cores spin at every
-            # barrier; on a busy 2-core machine one thread was 5-19x faster than two.
-            torch.set_num_threads(args.threads)
+        # Intra-op threads that compete with other processes for the cores spin at every
+        # barrier; on a busy 2-core machine one thread was 5-19x faster than two. By default:
+        # no more than the process may really use (affinity, container quota).
+        torch.set_num_threads(args.threads or min(torch.get_num_threads(), cpu_budget()))
         base = load_pool_model(pool, args.device, console)
     except ManifestError as exc:
         for problem in exc.problems:  # one unwrapped line each, greppable
