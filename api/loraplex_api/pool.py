@@ -15,7 +15,6 @@ from .common import (
     CamelModel,
     Condition,
     LabelValue,
-    Name,
     ObjectMeta,
     Quantity,
     StatusModel,
@@ -35,7 +34,13 @@ _OBJECT = PRESERVE_OBJECT
 class ModelSpec(CamelModel):
     """The frozen base model every replica of the pool hosts."""
 
-    name: Name = Field(description="Display and serving name of the base model.")
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/:-]*[A-Za-z0-9])?$",
+        description="Display and serving name of the base model; Hugging Face names such as "
+        "Qwen/Qwen2.5-7B-Instruct are fine. Not a Kubernetes name: where one is needed, a safe form is derived.",
+    )
     uri: str = Field(
         max_length=URI_MAX,
         pattern=MODEL_URI_PATTERN,

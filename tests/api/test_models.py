@@ -175,3 +175,16 @@ def test_reward_terms_validate_each_term() -> None:
 )
 def test_parse_quantity(text: str | int, value: int) -> None:
     assert parse_quantity(text) == value
+
+
+@pytest.mark.parametrize(
+    "name", ["Qwen/Qwen2.5-7B-Instruct", "smollm2-135m-instruct", "meta-llama/Llama-3.1-8B"]
+)
+def test_model_names_may_be_hugging_face_names(name: str) -> None:
+    pool = parse_document(with_spec(POOL, "model", {"name": name, "uri": "builtin://smollm2-135m-instruct"}))
+    assert pool.spec.model.name == name  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["", "has space", "-leading", "trailing/", "tab\there", "x" * 254])
+def test_model_names_stay_bounded_and_plain(name: str) -> None:
+    assert problems(with_spec(POOL, "model", {"name": name, "uri": "builtin://smollm2-135m-instruct"}))
