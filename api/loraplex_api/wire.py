@@ -29,6 +29,8 @@ REPLICA_LABEL = f"{GROUP}/replica"
 """On a placed experiment: the replica it is placed on, beside ``status.placement`` (the agent lists by it)."""
 POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 """Set by the StatefulSet controller on every pod: the replica's name."""
+MODEL_HASH_ANNOTATION = f"{GROUP}/model-hash"
+"""On a trainer pod template: a digest of spec.model, so a new model rolls the pods."""
 HISTORY_ANNOTATION = f"{GROUP}/adapter-revisions"
 """On an experiment: the adapter revisions the operator has seen, so a rollback can name any of them."""
 

@@ -7,6 +7,8 @@ applies what it returns. Replica names are the StatefulSet's pod names
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +18,7 @@ from loraplex_api.wire import (
     CACHE_ENV,
     HEALTH_PORT,
     METRICS_PORT,
+    MODEL_HASH_ANNOTATION,
     MODEL_URI_ENV,
     POD_NAME_ENV,
     POD_NAMESPACE_ENV,
@@ -190,7 +193,18 @@ def _pod_template(pool: SharedBasePool, default_service_account: str | None) -> 
         pod["tolerations"] = [dict(t) for t in trainer.tolerations]
     if trainer.affinity:
         pod["affinity"] = dict(trainer.affinity)
-    return {"metadata": {"labels": common_labels(pool.metadata.name)}, "spec": pod}
+    # The model is loaded once at start: a change of uri, revision or dtype must replace the pods.
+    annotations = {MODEL_HASH_ANNOTATION: model_hash(pool)}
+    return {
+        "metadata": {"labels": common_labels(pool.metadata.name), "annotations": annotations},
+        "spec": pod,
+    }
+
+
+def model_hash(pool: SharedBasePool) -> str:
+    """A short digest of ``spec.model``: equal for the same model, different for any change."""
+    wire = json.dumps(pool.spec.model.wire(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(wire.encode()).hexdigest()[:16]
 
 
 def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:

@@ -228,3 +228,16 @@ def test_a_name_too_long_for_statefulset_pods_is_refused_with_the_field() -> Non
     pool.metadata.name = "p" * 60
     with pytest.raises(RenderError, match=r"metadata.name: .* at most 52"):
         render_statefulset(pool)
+
+
+def test_a_model_change_rolls_the_pods_and_nothing_else_does() -> None:
+    def template_annotations(pool: SharedBasePool) -> dict[str, str]:
+        return render_statefulset(pool)["spec"]["template"]["metadata"]["annotations"]
+
+    base = template_annotations(make_pool())
+    assert base == template_annotations(make_pool())  # stable: no roll without a change
+    assert base == template_annotations(make_pool(replicas=3))  # scaling is not a roll
+    model = {"name": "smollm2", "uri": "builtin://smollm2-135m-instruct"}
+    for change in ({"dtype": "bfloat16"}, {"uri": "hf://org/other"}, {"revision": "v2"}):
+        changed = template_annotations(make_pool(model={**model, **change}))
+        assert changed["loraplex.dev/model-hash"] != base["loraplex.dev/model-hash"], change
