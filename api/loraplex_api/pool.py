@@ -164,6 +164,12 @@ class TrainerSpec(CamelModel):
     )
     vllm: VLLMSpec = Field(default_factory=VLLMSpec)
     reward_limits: RewardLimitsSpec = Field(default_factory=RewardLimitsSpec)
+    queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="A Kueue LocalQueue: the StatefulSet and its pods are labelled kueue.x-k8s.io/queue-name.",
+    )
 
 
 class StorageSpec(CamelModel):

@@ -32,6 +32,8 @@ POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
 MODEL_HASH_ANNOTATION = f"{GROUP}/model-hash"
 """On a trainer pod template: a digest of spec.model, so a new model rolls the pods."""
 HISTORY_ANNOTATION = f"{GROUP}/adapter-revisions"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""Kueue admits a StatefulSet (and its pods) labelled with the LocalQueue to queue it in."""
 """On an experiment: the adapter revisions the operator has seen, so a rollback can name any of them."""
 
 # ----------------------------------------------------------------- the trainer pod's contract

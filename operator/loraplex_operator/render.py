@@ -17,6 +17,7 @@ from loraplex_api.wire import (
     API_VERSION,
     CACHE_ENV,
     HEALTH_PORT,
+    KUEUE_QUEUE_LABEL,
     METRICS_PORT,
     MODEL_HASH_ANNOTATION,
     MODEL_URI_ENV,
@@ -122,7 +123,7 @@ def render_statefulset(pool: SharedBasePool, *, default_service_account: str | N
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": _metadata(pool, statefulset_name(name)),
+        "metadata": _with_queue(pool, _metadata(pool, statefulset_name(name))),
         "spec": {
             # A suspended pool keeps spec.replicas so resuming restores it.
             "replicas": 0 if spec.suspend else spec.replicas,
@@ -195,10 +196,16 @@ def _pod_template(pool: SharedBasePool, default_service_account: str | None) -> 
         pod["affinity"] = dict(trainer.affinity)
     # The model is loaded once at start: a change of uri, revision or dtype must replace the pods.
     annotations = {MODEL_HASH_ANNOTATION: model_hash(pool)}
-    return {
-        "metadata": {"labels": common_labels(pool.metadata.name), "annotations": annotations},
-        "spec": pod,
-    }
+    metadata = {"labels": common_labels(pool.metadata.name), "annotations": annotations}
+    return {"metadata": _with_queue(pool, metadata), "spec": pod}
+
+
+def _with_queue(pool: SharedBasePool, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata with Kueue's queue label when the pool names a LocalQueue (trainer.queueName)."""
+    queue = pool.spec.trainer.queue_name
+    if queue:
+        metadata["labels"] = {**metadata["labels"], KUEUE_QUEUE_LABEL: queue}
+    return metadata
 
 
 def model_hash(pool: SharedBasePool) -> str:

@@ -241,3 +241,13 @@ def test_a_model_change_rolls_the_pods_and_nothing_else_does() -> None:
     for change in ({"dtype": "bfloat16"}, {"uri": "hf://org/other"}, {"revision": "v2"}):
         changed = template_annotations(make_pool(model={**model, **change}))
         assert changed["loraplex.dev/model-hash"] != base["loraplex.dev/model-hash"], change
+
+
+def test_a_queue_name_puts_the_statefulset_and_its_pods_in_kueue() -> None:
+    sts = render_statefulset(make_pool(trainer={"queueName": "team-a-gpus"}))
+    assert sts["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
+    assert sts["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
+    # The selector stays as it was: a label the selector does not name may change freely.
+    assert "kueue.x-k8s.io/queue-name" not in sts["spec"]["selector"]["matchLabels"]
+    plain = render_statefulset(make_pool())
+    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
