@@ -62,9 +62,13 @@ METRICS_PORT = 9400
 """The agent's Prometheus metrics."""
 
 
-def experiment_folder(namespace: str, name: str) -> str:
-    """An experiment's folder under the pool's storage (relative): adapter, checkpoints, metrics."""
-    return f"{namespace}/{name}"
+def experiment_folder(namespace: str, name: str, uid: str | None) -> str:
+    """An experiment's folder under the pool's storage (relative): adapter, checkpoints, metrics.
+
+    The uid is part of it, so an experiment deleted and created again under the same name starts
+    fresh instead of resuming the old one's checkpoints.
+    """
+    return f"{namespace}/{name}/{uid}" if uid else f"{namespace}/{name}"
 
 
 def promoted_configmap_name(pool: str) -> str:

@@ -315,7 +315,8 @@ class Agent:
         exp = Experiment(
             name=name,
             spec=spec,
-            out_dir=self.config.storage / experiment_folder(self.config.namespace, name),
+            out_dir=self.config.storage
+            / experiment_folder(self.config.namespace, name, hosted.assignment.uid),
             pinned_revisions=hosted.assignment.pinned,
         )
         hosted.experiment = exp

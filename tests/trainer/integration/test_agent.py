@@ -8,6 +8,7 @@ late, and drop an adapter whose placement moves to another replica.
 
 from __future__ import annotations
 
+import copy
 import signal
 import subprocess
 import threading
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from loraplex_api.wire import experiment_folder
 from loraplex_trainer.agent import Agent, AgentConfig
 from loraplex_trainer.checkpoint import verify
 from loraplex_trainer.cluster import ClusterClient
@@ -223,7 +225,9 @@ def test_agent_trains_reports_and_follows_placements(cluster: Cluster, agent: Ag
     short = api.get("LoRAExperiment", "short")
     assert short is not None
     candidate = short["status"]["adapter"]["candidate"]
-    checkpoint = agent.config.storage / NAMESPACE / "short" / "checkpoints" / "step-00000004"
+    # Under the experiment's uid: one created again under the same name starts fresh.
+    folder = experiment_folder(NAMESPACE, "short", short["metadata"]["uid"])
+    checkpoint = agent.config.storage / folder / "checkpoints" / "step-00000004"
     assert candidate["revision"] == "step-00000004" and candidate["step"] == 4
     assert candidate["uri"] == f"file://{checkpoint}" and (checkpoint / "adapter_model.safetensors").is_file()
     assert isinstance(candidate["metric"], float)
@@ -324,7 +328,13 @@ def test_stopping_mid_run_checkpoints_the_step_and_reports_interrupted(
     step = stopped["step"]
     assert stopped["state"] == "Interrupted" and step >= 3
     assert candidate(cluster, "x")["step"] == step  # the checkpoint the stop wrote
-    folder = first.agent.config.storage / NAMESPACE / "x" / "checkpoints" / f"step-{step:08d}"
+    uid = (cluster.api.get("LoRAExperiment", "x") or {})["metadata"]["uid"]
+    folder = (
+        first.agent.config.storage
+        / experiment_folder(NAMESPACE, "x", uid)
+        / "checkpoints"
+        / f"step-{step:08d}"
+    )
     assert verify(folder) is None
     assert not first.agent.trainer or "x" not in first.agent.trainer.model.adapter_names()
 
@@ -336,3 +346,31 @@ def test_stopping_mid_run_checkpoints_the_step_and_reports_interrupted(
         b["status"]["training"] for n, b in second.client.sent if n == "x" and "training" in b["status"]
     ]
     assert [t["step"] for t in running if t["state"] == "Running"][0] == step  # not one step lost
+
+
+def test_an_experiment_created_again_under_the_same_name_starts_fresh(
+    cluster: Cluster, start_agent: Callable[..., RunningAgent]
+) -> None:
+    inline = {"inline": [{"prompt": "say a", "answer": "a"}]}
+    body = experiment("x", inline, {"builtin": {"name": "length", "args": {"target": 3}}}, max_steps=6)
+    cluster.api.create(copy.deepcopy(body))
+    place(cluster, "x")
+    first = start_agent(stop_at_first_candidate=True)
+    first.thread.join(90)
+    first.stop()
+    old_uid = (cluster.api.get("LoRAExperiment", "x") or {})["metadata"]["uid"]
+    assert candidate(cluster, "x")["step"] == 2
+
+    cluster.api.delete("LoRAExperiment", "x")
+    cluster.api.create(copy.deepcopy(body))
+    place(cluster, "x")
+    new_uid = (cluster.api.get("LoRAExperiment", "x") or {})["metadata"]["uid"]
+    assert new_uid != old_uid
+    second = start_agent()
+    until(lambda: training(cluster, "x"), lambda t: t.get("state") == "Completed", timeout=90)
+    running = [
+        b["status"]["training"] for n, b in second.client.sent if n == "x" and "training" in b["status"]
+    ]
+    assert [t["step"] for t in running if t["state"] == "Running"][0] == 0  # not the old run's step 2
+    storage = second.agent.config.storage
+    assert (storage / experiment_folder(NAMESPACE, "x", old_uid) / "checkpoints" / "step-00000002").is_dir()
