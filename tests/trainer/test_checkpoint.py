@@ -30,6 +30,7 @@ from loraplex_trainer.checkpoint import (
 from loraplex_trainer.experiment import Experiment, State
 from loraplex_trainer.loop import Trainer
 from loraplex_trainer.model_host import BaseModel
+from loraplex_trainer.optim import AdapterOptimizer
 
 from .test_loop import VOWELS, run, spec
 
@@ -62,6 +63,12 @@ def resumed(tiny_model_dir: Path, workdir: Path, **overrides: object) -> Experim
     trainer.add(exp, base_dir=workdir)
     trainer.remove("a")
     return exp
+
+
+def readd_adapter(trainer: Trainer, exp: Experiment) -> AdapterOptimizer:
+    """Add the finished experiment's adapter back by hand, with a fresh optimizer for it."""
+    trainer.model.add_adapter(exp.name, exp.adapter_config, seed=1)
+    return AdapterOptimizer(trainer.model.adapter_parameters(exp.name), exp.optimizer_config)
 
 
 def test_round_trip_is_exact_and_holds_no_pickle(
@@ -197,10 +204,7 @@ def test_rewriting_a_step_keeps_the_old_folder_until_the_new_one_is_in_place(
 ) -> None:
     trainer, exp = trained
     # Write step 4 again, as a rerun after resuming from step 4 would, and fail the final rename.
-    trainer.model.add_adapter("a", exp.adapter_config, seed=1)
-    from loraplex_trainer.optim import AdapterOptimizer
-
-    optimizer = AdapterOptimizer(trainer.model.adapter_parameters("a"), exp.optimizer_config)
+    optimizer = readd_adapter(trainer, exp)
     before = (checkpoint_dir(exp.checkpoint_root, 4) / WEIGHTS).read_bytes()
     real_replace = os.replace
 
@@ -242,9 +246,6 @@ def test_load_checkpoint_refuses_an_unverified_folder(trained: tuple[Trainer, Ex
     trainer, exp = trained
     path = checkpoint_dir(exp.checkpoint_root, 2)
     _truncated_weights(path)
-    trainer.model.add_adapter("a", exp.adapter_config, seed=1)
-    from loraplex_trainer.optim import AdapterOptimizer
-
-    optimizer = AdapterOptimizer(trainer.model.adapter_parameters("a"), exp.optimizer_config)
+    optimizer = readd_adapter(trainer, exp)
     with pytest.raises(CheckpointError, match=f"{path}: {WEIGHTS} has"):
         load_checkpoint(path, model=trainer.model, adapter="a", optimizer=optimizer)
