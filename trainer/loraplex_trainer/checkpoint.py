@@ -262,14 +262,15 @@ def remove_temporaries(root: Path) -> list[str]:
 
 
 def load_checkpoint(
-    path: Path, *, model: MultiLoRAModel, adapter: str, optimizer: AdapterOptimizer
+    path: Path, *, model: MultiLoRAModel, adapter: str, optimizer: AdapterOptimizer, verified: bool = False
 ) -> CheckpointState:
-    """Load a verified checkpoint into an adapter that already exists; CheckpointError when it does not fit.
+    """Load a checkpoint into an adapter that already exists; CheckpointError when it does not fit.
 
-    Nothing is changed unless everything loads: weights and optimizer state are read and checked
-    first, then copied.
+    The manifest is checked first unless the caller just did (``verified``, as ``resume_point``
+    does). Nothing is changed unless everything loads: weights and optimizer state are read and
+    checked first, then copied.
     """
-    problem = verify(path)
+    problem = None if verified else verify(path)
     if problem is not None:
         raise CheckpointError(f"{path}: {problem}")
     try:

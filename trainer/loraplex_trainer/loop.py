@@ -163,8 +163,12 @@ class Trainer:
                 experiment.truncate_history(0)
                 return
             try:
-                state = load_checkpoint(
-                    path, model=self.model, adapter=experiment.name, optimizer=experiment.optimizer
+                state = load_checkpoint(  # resume_point verified its manifest
+                    path,
+                    model=self.model,
+                    adapter=experiment.name,
+                    optimizer=experiment.optimizer,
+                    verified=True,
                 )
                 break
             except CheckpointMismatch:
