@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel
@@ -84,6 +84,46 @@ def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return _structural(_resolve(raw, raw.get("$defs", {})))
 
 
+def spec_schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    """A spec's schema with every default pydantic applies, so the API server stores what the trainer sees."""
+    node = schema_of(model)
+    _add_factory_defaults(model, node)
+    return node
+
+
+def _add_factory_defaults(model: type[BaseModel], node: dict[str, Any]) -> None:
+    """Carry ``default_factory`` defaults into the schema; pydantic's JSON schema leaves them out.
+
+    A nested model's default is ``{}``: the API server defaults top-down, so its own fields'
+    defaults then fill it in. Empty lists and maps get none (absent and empty mean the same).
+    """
+    properties = node.get("properties") or {}
+    for name, field in model.model_fields.items():
+        sub = properties.get(field.alias or name)
+        if sub is None:
+            continue
+        if field.default_factory is not None and "default" not in sub:
+            value = field.default_factory()  # type: ignore[call-arg]
+            if isinstance(value, BaseModel):
+                sub["default"] = {}
+            elif value:
+                sub["default"] = value
+        nested = _model_in(field.annotation)
+        if nested is not None:
+            _add_factory_defaults(nested, sub["items"] if sub.get("type") == "array" else sub)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (directly, optionally, or as list items), if it holds one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _drop_defaults(node: Any) -> Any:
     """Status is written by controllers: no defaulting there, so kubectl shows what was really written."""
     if isinstance(node, dict):
@@ -113,7 +153,7 @@ def _crd(
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": schema_of(spec),
+            "spec": spec_schema_of(spec),
             "status": _drop_defaults(schema_of(status)),
         },
     }

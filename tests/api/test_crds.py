@@ -132,10 +132,25 @@ def _at(obj: Any, path: str) -> list[Any]:
     return values
 
 
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting as the API server does it: top-down, a default object then filled in."""
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for key, child in schema["properties"].items():
+            if key not in value and "default" in child:
+                value[key] = copy.deepcopy(child["default"])
+            if key in value:
+                value[key] = apply_defaults(child, value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        value = [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
 def cel_violations(doc: dict[str, Any], filename: str) -> list[str]:
-    """Evaluate every CEL rule of the CRD against a manifest, as the API server would."""
+    """Evaluate every CEL rule of the CRD against a manifest, as the API server would: after defaulting."""
     env = celpy.Environment()
     failed = []
+    doc = apply_defaults(openapi(filename), doc)
     for path, rule in _rules(openapi(filename)):
         program = env.program(env.compile(rule["rule"]))
         for value in _at(doc, path):
@@ -202,6 +217,27 @@ def test_every_cel_rule_evaluates_on_an_object_that_omits_every_optional_field(f
         assert isinstance(result, celpy.celtypes.BoolType), (path, rule["rule"], result)
 
 
+def _without_empty(value: Any) -> Any:
+    """Absent, empty and null mean the same in a manifest."""
+    if isinstance(value, dict):
+        kept = {k: _without_empty(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v not in ({}, [], None)}
+    if isinstance(value, list):
+        return [_without_empty(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("filename", "doc"), [("loraexperiments.yaml", EXPERIMENT), ("sharedbasepools.yaml", POOL)]
+)
+def test_the_api_server_stores_every_default_pydantic_applies(filename: str, doc: dict[str, Any]) -> None:
+    # `kubectl get -o yaml` must show the spec the trainer and operator act on, lists and nested
+    # objects included (targetModules, betas, algorithm...), not only the scalar defaults.
+    stored = apply_defaults(openapi(filename), doc)["spec"]
+    parsed = parse_document(doc).spec  # type: ignore[union-attr]
+    assert _without_empty(stored) == _without_empty(parsed.model_dump(by_alias=True, mode="json"))
+
+
 def test_a_lora_block_without_target_modules_passes_cel() -> None:
     doc = with_spec(EXPERIMENT, "lora", {"rank": 8})
     assert cel_violations(doc, "loraexperiments.yaml") == []
@@ -233,6 +269,7 @@ def test_valid_manifests_pass_schema_cel_and_pydantic(doc: dict[str, Any]) -> No
     ]
     schema = copy.deepcopy(openapi(filename))
     jsonschema.Draft4Validator(schema).validate(doc)
+    jsonschema.Draft4Validator(schema).validate(apply_defaults(schema, doc))
     assert cel_violations(doc, filename) == []
     parse_document(doc)
 
