@@ -332,6 +332,8 @@ class Placement(StatusModel):
     pool: str = Field(max_length=NAME_MAX)
     replica: str = Field(max_length=NAME_MAX + 8)
     placed_at: Timestamp | None = None
+    replica_incarnation: str | None = Field(default=None, max_length=64)
+    """The replica's pod as last seen: ``<pod uid>/<container restarts>``; a change is a restart."""
 
 
 class MetricValue(StatusModel):

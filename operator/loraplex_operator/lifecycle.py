@@ -23,6 +23,10 @@ Rules worth knowing (each is in :func:`assess`):
 - A replica that is gone (scaled away, or not ready for longer than the
   replica grace) costs its experiments a restart and a new placement;
   more restarts than ``spec.backoffLimit`` fail it with ``BackoffLimitExceeded``.
+- A replica whose trainer process starts again (its container's restart count
+  rises, or its pod is recreated) costs its experiments a restart at once, even
+  inside the replica grace; they keep the replica and resume from their last
+  checkpoint. So a crash loop is bounded by ``backoffLimit`` too.
 """
 
 from __future__ import annotations
@@ -90,6 +94,8 @@ class PoolContext:
     desired_replicas: int = 0
     unhealthy_since: Mapping[str, float] = field(default_factory=dict)
     """Replicas (within the desired count) that are not ready, and since when."""
+    incarnations: Mapping[str, str] = field(default_factory=dict)
+    """Each replica's current pod as ``<pod uid>/<container restarts>`` (see PodView)."""
 
     def gone(self, replica: str, *, now: float, grace: float) -> str | None:
         """Why a replica no longer hosts experiments, or None while it does (or may recover)."""
@@ -229,11 +235,41 @@ def assess(exp: ExperimentView, pool: PoolContext | None, *, now: float, timing:
             return _failed(exp, base, "BackoffLimitExceeded", message, now)
         note = Event("Warning", "ReplicaLost", f"{lost}; placing again (restart {restarts})")
         return replace(base, restarts=restarts, events=(note,))
+    placement, restarted = _follow_incarnation(placement, pool.incarnations.get(placement.replica))
+    if restarted is not None:
+        restarts = base.restarts + 1
+        if restarts > spec.backoff_limit:
+            message = (
+                f"{restarted}; {base.restarts} restart(s) already, spec.backoffLimit is {spec.backoff_limit}"
+            )
+            return _failed(exp, base, "BackoffLimitExceeded", message, now)
+        note = Event("Warning", "ReplicaRestarted", f"{restarted}; resuming from the last checkpoint")
+        base = replace(base, restarts=restarts, events=(note,))
     want = training_condition(training, placement, now=now, grace=timing.heartbeat_grace)
     placed = Want(
         PLACED, "True", "Scheduled", f"placed on replica {placement.replica} of pool {placement.pool}"
     )
     return replace(base, state="placed", placement=placement, wants=(*base.wants, placed, want))
+
+
+def _follow_incarnation(placement: Placement, current: str | None) -> tuple[Placement, str | None]:
+    """The placement with the replica's current pod recorded, and why it counts as a restart (if it does).
+
+    The first pod seen after placing is recorded without counting: the experiment had not run yet.
+    """
+    recorded = placement.replica_incarnation
+    if not current or current == recorded:
+        return placement, None
+    updated = placement.model_copy(update={"replica_incarnation": current})
+    if recorded is None:
+        return updated, None
+    old_uid, _, old_restarts = recorded.partition("/")
+    new_uid, _, new_restarts = current.partition("/")
+    if old_uid != new_uid:
+        why = f"replica {placement.replica} was recreated (a new pod)"
+    else:
+        why = f"replica {placement.replica}'s trainer restarted (container restarts {old_restarts} -> {new_restarts})"
+    return updated, why
 
 
 def training_condition(
@@ -290,12 +326,18 @@ def settle(
     outcome: scheduler.Placement | scheduler.Unplaced | None,
     *,
     now: float,
+    incarnations: Mapping[str, str] | None = None,
 ) -> Verdict:
     """Fold the scheduler's answer for a pending experiment into its verdict."""
     if verdict.state != "pending":
         return verdict
     if isinstance(outcome, scheduler.Placement):
-        placement = Placement(pool=exp.pool, replica=outcome.replica, placed_at=to_rfc3339(now))
+        placement = Placement(
+            pool=exp.pool,
+            replica=outcome.replica,
+            placed_at=to_rfc3339(now),
+            replica_incarnation=(incarnations or {}).get(outcome.replica),
+        )
         return replace(
             verdict,
             state="placed",

@@ -97,6 +97,8 @@ class PodView:
     deleting: bool
     problem: str = ""
     """Why the trainer cannot run, e.g. ``CrashLoopBackOff: back-off 5m0s``; empty while it can."""
+    incarnation: str = ""
+    """``<pod uid>/<container restarts>``: changes whenever the trainer process starts again."""
 
     @property
     def ordinal(self) -> int | None:
@@ -129,6 +131,7 @@ def observe_pod(body: Mapping[str, Any]) -> PodView | None:
     if status.get("phase") == "Failed":
         problem = problem or f"pod failed: {status.get('reason') or status.get('message') or 'unknown'}"
     deleting = bool(meta.get("deletionTimestamp"))
+    restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
     return PodView(
         name=str(name),
         pool=str(pool),
@@ -136,6 +139,7 @@ def observe_pod(body: Mapping[str, Any]) -> PodView | None:
         since=since,
         deleting=deleting,
         problem=problem,
+        incarnation=f"{meta['uid']}/{restarts}" if meta.get("uid") else "",
     )
 
 

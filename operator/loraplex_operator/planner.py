@@ -104,7 +104,9 @@ def plan_pool(
         decision = _schedule(view, context, experiments, verdicts, health, memory, now=now)
         for exp in experiments:
             outcome = _outcome(decision, exp.key)
-            verdicts[exp.key] = settle(exp, verdicts[exp.key], outcome, now=now)
+            verdicts[exp.key] = settle(
+                exp, verdicts[exp.key], outcome, now=now, incarnations=context.incarnations
+            )
 
     plans = tuple(_experiment_plan(exp, verdicts[exp.key], now=now) for exp in experiments)
     adapters_on: Counter[str] = Counter(
@@ -173,6 +175,8 @@ def _context(
         unhealthy_since={
             r.name: r.unhealthy_since for r in health if r.unhealthy_since is not None and r.ordinal < desired
         },
+        # A pod on its way out is the old incarnation still; its successor is the one that counts.
+        incarnations={p.name: p.incarnation for p in pods if not p.deleting and p.incarnation},
     )
     return context, health
 

@@ -59,19 +59,23 @@ def exp_body(name: str, created: float = NOW - 100, **spec: Any) -> dict[str, An
     return body
 
 
-def pod_body(ordinal: int, ready: bool = True, since: float = NOW - 1000) -> dict[str, Any]:
+def pod_body(
+    ordinal: int, ready: bool = True, since: float = NOW - 1000, uid: str = "", restarts: int = 0
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": f"p-{ordinal}",
             "namespace": "ns",
+            "uid": uid or f"pod-{ordinal}",
             "labels": {"loraplex.dev/pool": "p", "statefulset.kubernetes.io/pod-name": f"p-{ordinal}"},
         },
         "status": {
             "conditions": [
                 {"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": stamp(since)}
-            ]
+            ],
+            "containerStatuses": [{"name": "trainer", "restartCount": restarts}],
         },
     }
 
@@ -234,6 +238,47 @@ def test_a_lost_replica_costs_a_restart_and_a_new_placement() -> None:
     assert world.status("a")["restarts"] == 1
     assert world.status("a")["placement"]["replica"] == f"p-{1 - lost}"
     assert [e.reason for e in plan.experiments[0].events][:2] == ["ReplicaLost", "Placed"]
+
+
+def test_a_restarted_trainer_costs_a_restart_inside_the_grace_and_keeps_its_replica() -> None:
+    world = World(pool_body(replicas=1, slots=1), [exp_body("a", backoffLimit=2)], [pod_body(0)])
+    world.step()
+    assert world.status("a")["placement"]["replicaIncarnation"] == "pod-0/0"
+    world.step(NOW + 1)
+    assert world.status("a")["restarts"] == 0  # the same pod, seen again, is no restart
+
+    # The container exits and the kubelet restarts it: seconds later, well inside the 60 s grace.
+    world.pods[0] = pod_body(0, ready=False, since=NOW + 2, restarts=1)
+    plan = world.step(NOW + 3)
+    assert world.status("a")["restarts"] == 1
+    assert world.status("a")["placement"]["replica"] == "p-0"
+    assert world.status("a")["placement"]["replicaIncarnation"] == "pod-0/1"
+    assert [e.reason for e in plan.experiments[0].events][:1] == ["ReplicaRestarted"]
+    world.step(NOW + 4)
+    assert world.status("a")["restarts"] == 1  # counted once per restart
+
+    # The pod is deleted and the StatefulSet creates it again: a new uid.
+    world.pods[0] = pod_body(0, ready=False, since=NOW + 5, uid="pod-0-again")
+    world.step(NOW + 6)
+    assert world.status("a")["restarts"] == 2
+
+    # A crash loop: the third restart exceeds backoffLimit 2.
+    world.pods[0] = pod_body(0, ready=False, since=NOW + 7, uid="pod-0-again", restarts=1)
+    world.step(NOW + 8)
+    failed = world.condition("a", "Failed")
+    assert failed is not None and failed["reason"] == "BackoffLimitExceeded"
+    assert "restarted (container restarts 0 -> 1)" in failed["message"]
+    assert "backoffLimit is 2" in failed["message"]
+
+
+def test_a_placement_without_a_recorded_pod_records_it_without_a_restart() -> None:
+    # As an operator from before replicaIncarnation existed wrote it.
+    world = World(pool_body(replicas=1, slots=1), [exp_body("a", backoffLimit=0)], [pod_body(0, restarts=3)])
+    world.experiments["a"]["status"] = {"placement": {"pool": "p", "replica": "p-0", "placedAt": stamp(NOW)}}
+    world.step(NOW + 1)
+    assert world.status("a")["restarts"] == 0
+    assert world.status("a")["placement"]["replicaIncarnation"] == "pod-0/3"
+    assert world.condition("a", "Failed") is None
 
 
 def test_scaling_away_a_replica_replaces_at_once_and_backoff_limit_fails() -> None:
