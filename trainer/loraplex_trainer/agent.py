@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,11 @@ class Hosted:
     reported_state: str | None = None
     reported_at: float = -math.inf
     candidate_step: int | None = None
+    reported: set[str] = field(default_factory=set)
+    """Candidate revisions reported since the last poll of the experiments."""
+    unsettled: frozenset[str] = frozenset()
+    """Those reported before the last poll: the operator may be promoting one whose status that
+    poll did not show yet, so pruning keeps them until the next poll."""
 
 
 class Agent:
@@ -294,7 +299,8 @@ class Agent:
         for assignment in selection.assigned:  # promotion moves on while an adapter trains
             hosted = self.hosted.get(assignment.name)
             if hosted is not None and hosted.experiment is not None:
-                hosted.experiment.pinned_revisions = assignment.pinned
+                hosted.experiment.pinned_revisions = assignment.pinned | hosted.unsettled | hosted.reported
+                hosted.unsettled, hosted.reported = frozenset(hosted.reported), set()
         for hosted in list(self.hosted.values()):
             if hosted.experiment is None:
                 self._start(hosted)
@@ -394,6 +400,10 @@ class Agent:
         hosted.reported_state, hosted.reported_at = state, time.monotonic()
         if candidate is not None:
             hosted.candidate_step = int(candidate["step"])
+            hosted.reported.add(candidate["revision"])
+            if hosted.experiment is not None:  # kept from now on, not only from the next poll
+                pinned = hosted.experiment.pinned_revisions
+                hosted.experiment.pinned_revisions = pinned | {candidate["revision"]}
             log.info(
                 "event=candidate experiment=%s revision=%s", hosted.assignment.name, candidate["revision"]
             )

@@ -374,3 +374,35 @@ def test_an_experiment_created_again_under_the_same_name_starts_fresh(
     assert [t["step"] for t in running if t["state"] == "Running"][0] == 0  # not the old run's step 2
     storage = second.agent.config.storage
     assert (storage / experiment_folder(NAMESPACE, "x", old_uid) / "checkpoints" / "step-00000002").is_dir()
+
+
+def test_a_candidate_promoted_between_two_polls_survives_pruning(
+    cluster: Cluster, start_agent: Callable[..., RunningAgent]
+) -> None:
+    """The operator may promote a candidate before the agent's next poll shows it: keep it till then."""
+    inline = {"inline": [{"prompt": "say a", "answer": "a"}]}
+    body = experiment("x", inline, {"builtin": {"name": "length", "args": {"target": 3}}}, max_steps=100_000)
+    body["spec"]["checkpoint"] = {"everySteps": 1, "keepLast": 1}  # every step prunes the one before
+    cluster.api.create(body)
+    place(cluster, "x")
+    running = start_agent()
+    promoted: list[dict[str, Any]] = []
+
+    def promote_the_first_candidate() -> None:  # as the operator does, at once
+        if not promoted:
+            promoted.append(candidate(cluster, "x"))
+            cluster.api.patch_status("LoRAExperiment", "x", {"adapter": {"promoted": promoted[0]}})
+
+    running.client.on_candidate = promote_the_first_candidate
+    until(lambda: training(cluster, "x"), lambda t: bool(promoted) and t["step"] >= promoted[0]["step"] + 20)
+    folder = Path(promoted[0]["uri"].removeprefix("file://"))
+    assert verify(folder) is None  # still complete, though 20 newer checkpoints pruned their elders
+    # The other early candidates are pruned once a poll has shown nobody points at them.
+    first = promoted[0]["step"]
+
+    def early_ones() -> list[str]:
+        steps = [int(p.name.removeprefix("step-")) for p in folder.parent.glob("step-*")]
+        return [f"step-{s:08d}" for s in steps if first < s <= first + 10]
+
+    until(early_ones, lambda early: not early, timeout=30, what="the unpromoted early checkpoints pruned")
+    assert verify(folder) is None
