@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH ?= torch==2.13.0
 RUN ?= runs/quickstart
 
-.PHONY: demo test test-slow lint lint-chart tools crds bench clean
+.PHONY: demo test e2e test-slow lint lint-chart tools crds bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,11 +35,15 @@ tools: $(VENV)/.dev
 test: $(VENV)/.dev tools
 	$(PY) -m pytest
 
+# The whole system as a cluster runs it (also part of `make test`): e2e/README.md.
+e2e: $(VENV)/.dev
+	$(PY) -m pytest e2e
+
 test-slow: $(VENV)/.dev
 	$(PY) -m pytest -m slow
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check api cli operator trainer tests bench scripts
+	$(VENV)/bin/ruff check api cli operator trainer tests e2e bench scripts
 	$(VENV)/bin/mypy api/loraplex_api cli/loraplex_cli operator/loraplex_operator trainer/loraplex_trainer
 
 lint-chart: tools
