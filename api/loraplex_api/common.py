@@ -163,6 +163,13 @@ class ConfigMapKeyRef(CamelModel):
     key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
 
 
+class SecretKeyRef(CamelModel):
+    """A key of a Secret in the pool's namespace."""
+
+    name: Name
+    key: str = Field(default="token", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
 def exactly_one(model: BaseModel, fields: tuple[str, ...]) -> None:
     """Raise unless exactly one of ``fields`` is set (the Python twin of the CEL one-of rules)."""
     present = [f for f in fields if getattr(model, f) is not None]

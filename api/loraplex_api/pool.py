@@ -17,7 +17,9 @@ from .common import (
     LabelValue,
     ObjectMeta,
     Quantity,
+    SecretKeyRef,
     StatusModel,
+    Timestamp,
     camel_config,
     fixed,
     parse_quantity,
@@ -49,6 +51,11 @@ class ModelSpec(CamelModel):
     revision: str | None = Field(default=None, max_length=SHORT_STRING_MAX)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="auto = bfloat16 on GPUs that support it, float32 on CPU."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="A Secret key holding a Hugging Face token (gated or private hf:// models); "
+        "the trainer gets it as HF_TOKEN.",
     )
 
     @model_validator(mode="after")
@@ -213,6 +220,16 @@ class LinearModuleFacts(StatusModel):
     count: int
 
 
+class ModelProblem(StatusModel):
+    """Why a trainer could not get its base model; it tries again without restarting."""
+
+    reason: str = Field(max_length=64)
+    """ModelNotFound, ModelAccessDenied, ModelNotCached or ModelDownloadFailed."""
+    message: str = Field(max_length=1024)
+    uri: str = Field(max_length=URI_MAX)
+    since: Timestamp | None = None
+
+
 class ModelFactsStatus(StatusModel):
     """Facts the trainer measured when it loaded the base model (for memory estimates)."""
 
@@ -221,6 +238,8 @@ class ModelFactsStatus(StatusModel):
     num_layers: int | None = None
     linear_modules: dict[str, LinearModuleFacts] = Field(default_factory=dict, max_length=64)
     lora_bytes_per_rank: dict[str, int] = Field(default_factory=dict, max_length=64)
+    problem: ModelProblem | None = None
+    """Set while the model cannot be had (the facts above are then absent or from an earlier load)."""
 
 
 class ReplicaStatus(StatusModel):

@@ -36,6 +36,7 @@ FAILED = "Failed"
 # Pool conditions.
 PROVISIONED = "Provisioned"
 REPLICA_FAILURE = "ReplicaFailure"
+MODEL_AVAILABLE = "ModelAvailable"
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplex_api import Condition
+from loraplex_api.pool import ModelFactsStatus
 
 from .clock import to_rfc3339
 from .conditions import (
+    MODEL_AVAILABLE,
     PROVISIONED,
     READY,
     RECONCILING,
@@ -27,7 +29,7 @@ from .conditions import (
 from .observed import PodView, PoolView
 from .render import selector_string
 
-CONDITION_ORDER = (READY, PROVISIONED, REPLICA_FAILURE, SUSPENDED, RECONCILING, STALLED)
+CONDITION_ORDER = (READY, PROVISIONED, MODEL_AVAILABLE, REPLICA_FAILURE, SUSPENDED, RECONCILING, STALLED)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ def pool_status(
         if suspended
         else Want(SUSPENDED, "False", "Active", "spec.suspend is false"),
     ]
+    model = _model_available(view.status.model)
+    if model is not None:
+        wants.append(model)
     stamp = to_rfc3339(now)
     conditions = apply_all(view.status.conditions, wants, generation=view.generation, now=stamp)
     summary = _summary(conditions, ready=len(ready), desired=desired)
@@ -132,6 +137,15 @@ def _provisioned(provisioning: Provisioning) -> Want:
     )
 
 
+def _model_available(model: ModelFactsStatus | None) -> Want | None:
+    """From what the trainers wrote in status.model: a problem, the facts of a load, or nothing yet."""
+    if model is not None and model.problem is not None:
+        return Want(MODEL_AVAILABLE, "False", model.problem.reason, model.problem.message)
+    if model is not None and model.parameter_count:
+        return Want(MODEL_AVAILABLE, "True", "ModelLoaded", f"{model.parameter_count} parameters loaded")
+    return None
+
+
 def _replica_failure(failing: Sequence[ReplicaHealth]) -> Want:
     if not failing:
         return Want(REPLICA_FAILURE, "False", "ReplicasHealthy", "no replica has failed")
@@ -157,6 +171,14 @@ def _summary(conditions: Sequence[Condition], *, ready: int, desired: int) -> li
             Want(READY, "False", provisioned.reason, provisioned.message),
             Want(RECONCILING, "False" if stalled else "True", provisioned.reason, provisioned.message),
             Want(STALLED, "True" if stalled else "False", provisioned.reason if stalled else "NotStalled"),
+        ]
+    model = find(conditions, MODEL_AVAILABLE)
+    if model is not None and model.status == "False":
+        # The trainers keep trying (a hub that comes back, a cache filled by hand), without restarts.
+        return [
+            Want(READY, "False", model.reason, model.message),
+            Want(RECONCILING, "False", model.reason),
+            Want(STALLED, "True", model.reason, model.message),
         ]
     if failure is not None and failure.status == "True":
         return [

@@ -272,16 +272,23 @@ def _volumes(pool: SharedBasePool) -> tuple[list[dict[str, Any]], list[dict[str,
         # The trainer loads local folders only; this is where the claim's model folder appears.
         env.append({"name": MODEL_URI_ENV, "value": f"file://{MODEL_MOUNT}/{claim}/{path}".rstrip("/")})
     elif uri.startswith("hf://"):
-        # The trainer never downloads: the Hugging Face cache must already hold the model. With
-        # shared storage it lives there (fill it once with `hf download`), else in an emptyDir that
-        # an init container or a custom image has to fill.
+        # The trainer downloads the model into the Hugging Face cache. With shared storage the
+        # cache lives there, so replicas and restarts download once (the hub client locks files
+        # while it writes); without it each pod downloads into an emptyDir of its own.
         if storage.claim_name:
             cache_path = f"{sub_path}/huggingface" if sub_path else "huggingface"
             mounts.append(_mount("storage", HF_CACHE_MOUNT, cache_path))
         else:
             volumes.append({"name": "hf-cache", "emptyDir": {}})
             mounts.append({"name": "hf-cache", "mountPath": HF_CACHE_MOUNT})
-        env += [{"name": "HF_HOME", "value": HF_CACHE_MOUNT}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+        env += [
+            {"name": "HF_HOME", "value": HF_CACHE_MOUNT},
+            {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        ]
+        token = pool.spec.model.token_secret_ref
+        if token is not None:
+            secret = {"secretKeyRef": {"name": token.name, "key": token.key}}
+            env.append({"name": "HF_TOKEN", "valueFrom": secret})
     return volumes, mounts, env
 
 

@@ -426,6 +426,34 @@ def test_pool_status_counts_and_conditions() -> None:
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
 
 
+def test_a_model_that_cannot_be_had_is_a_pool_condition_not_a_crash_loop() -> None:
+    world = World(pool_body(), [], [pod_body(0, ready=False)])
+    uri = "hf://meta-llama/Llama-3.2-1B"
+    message = f"model uri {uri!r}: meta-llama/Llama-3.2-1B is gated and the token was refused or missing"
+    problem = {"reason": "ModelAccessDenied", "message": message, "uri": uri}
+    world.pool["status"] = {"model": {"problem": problem}}
+    world.step()
+    conditions = {c["type"]: c for c in world.pool["status"]["conditions"]}
+    assert (conditions["ModelAvailable"]["status"], conditions["ModelAvailable"]["reason"]) == (
+        "False",
+        "ModelAccessDenied",
+    )
+    assert uri in conditions["ModelAvailable"]["message"]
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "ModelAccessDenied")
+    assert conditions["Stalled"]["status"] == "True"
+
+    # A trainer that loads it replaces status.model with the facts (the problem goes with it).
+    world.pool["status"]["model"] = {"parameterCount": 1000}
+    world.pods[0] = pod_body(0)
+    world.step(NOW + 1)
+    conditions = {c["type"]: c for c in world.pool["status"]["conditions"]}
+    assert (conditions["ModelAvailable"]["status"], conditions["ModelAvailable"]["reason"]) == (
+        "True",
+        "ModelLoaded",
+    )
+    assert conditions["Ready"]["status"] == "True"
+
+
 def test_promotion_moves_pointers_and_fills_the_configmap_data() -> None:
     world = World(pool_body(), [exp_body("a", promotion={"policy": "Auto", "threshold": 0.5})], [pod_body(0)])
     world.step()

@@ -172,13 +172,18 @@ def test_without_storage_claim_checkpoints_go_to_an_empty_dir() -> None:
     assert "model" not in volumes
 
 
-def test_hf_model_gets_an_offline_hugging_face_cache() -> None:
+def test_hf_model_downloads_into_a_hugging_face_cache_with_the_token_from_a_secret() -> None:
     sts = render_statefulset(make_pool(model={"name": "q", "uri": "hf://Qwen/Qwen3-0.6B"}))
     env = {e["name"]: e.get("value") for e in container(sts)["env"]}
     mounts = {m["mountPath"]: m for m in container(sts)["volumeMounts"]}
     assert env["HF_HOME"] == "/var/cache/huggingface"
-    assert env["HF_HUB_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in env and "HF_TOKEN" not in env
     assert mounts["/var/cache/huggingface"]["name"] == "hf-cache"
+
+    gated = {"name": "l", "uri": "hf://meta-llama/Llama-3.2-1B", "tokenSecretRef": {"name": "hf"}}
+    env_list = container(render_statefulset(make_pool(model=gated)))["env"]
+    token = next(e for e in env_list if e["name"] == "HF_TOKEN")
+    assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
 
     shared = make_pool(model={"name": "q", "uri": "hf://Qwen/Qwen3-0.6B"}, storage={"claimName": "rwx"})
     mounts = {m["mountPath"]: m for m in container(render_statefulset(shared))["volumeMounts"]}

