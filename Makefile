@@ -58,6 +58,7 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench_validate.py
 	$(PY) bench/bench_reward_sandbox.py
 	$(PY) bench/bench_multilora.py
+	$(PY) bench/bench_experiments.py --short
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
