@@ -20,6 +20,9 @@ from .grpo import per_token_loss, token_logprobs
 from .packing import pack
 from .prefill import prefill_prompts
 
+MAX_PADDING = 0.25
+"""How much of a micro-batch's completion positions may be padding before it is split (see below)."""
+
 
 def forward_backward(
     model: MultiLoRAModel, batch: TrainBatch, *, pad_id: int, micro_batch_tokens: int
@@ -34,12 +37,22 @@ def forward_backward(
         i for i, r in enumerate(rows)
         if r.completion.token_ids and (r.advantage != 0.0 or r.algorithm.kl_coef > 0)
     ]  # fmt: skip
-    # By prompt, so that a group's rows share a micro-batch and with it one prompt pass.
-    useful.sort(key=lambda i: (len(rows[i].prompt_ids), rows[i].prompt_ids, rows[i].experiment, i))
-    sizes = [(len(r.prompt_ids), len(r.completion.token_ids)) for r in rows]
+    # A micro-batch pads every row to its longest completion, and one experiment's short answers
+    # next to another's long ones would be mostly padding. So groups (the rows of one prompt, which
+    # share a micro-batch and with it one prompt pass) go in order of their longest completion, and
+    # a micro-batch ends where the next group would make it more than a quarter padding.
+    longest: dict[tuple[str, tuple[int, ...]], int] = defaultdict(int)
+    for i in useful:
+        key = (rows[i].experiment, tuple(rows[i].prompt_ids))
+        longest[key] = max(longest[key], len(rows[i].completion.token_ids))
+    group_tail = {i: longest[(rows[i].experiment, tuple(rows[i].prompt_ids))] for i in useful}
+    useful.sort(
+        key=lambda i: (group_tail[i], len(rows[i].prompt_ids), rows[i].prompt_ids, rows[i].experiment, i)
+    )
+    sizes = [(len(r.prompt_ids), group_tail.get(i, 0)) for i, r in enumerate(rows)]
     train_tokens = 0
     model.train()
-    for index in pack(useful, sizes, micro_batch_tokens):
+    for index in pack(useful, sizes, micro_batch_tokens, max_padding=MAX_PADDING):
         micro = batch.micro_batch(index)
         _micro_step(model, micro, pad_id, losses, kls, kl_tokens)
         train_tokens += sum(len(r.prompt_ids) + len(r.completion.token_ids) for r in micro.rows)
