@@ -22,10 +22,10 @@ ADAPTERS: list[tuple[int, tuple[str, ...] | str]] = [
 ]
 
 
-def add_quickstart_adapters(model: MultiLoRAModel, count: int) -> list[str]:
-    """Add ``count`` adapters cycling through the quickstart's shapes; return their names."""
+def add_quickstart_adapters(model: MultiLoRAModel, count: int, *, first: int = 0) -> list[str]:
+    """Add adapters ``first`` .. ``count - 1`` cycling through the quickstart's shapes; return their names."""
     names = []
-    for index in range(count):
+    for index in range(first, count):
         rank, targets = ADAPTERS[index % len(ADAPTERS)]
         name = f"adapter{index}"
         model.add_adapter(

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from loraplex_trainer.adapters import MultiLoRAModel
 from loraplex_trainer.model_host import BaseModel, load_base_model
-from loraplex_trainer.multilora import AdapterConfig, MultiLoRALinear
+from loraplex_trainer.multilora import AdapterConfig, LoRAPath, MultiLoRALinear
 
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
 # Different ranks, alphas and targets side by side. (Names avoid substrings of "lora_", which PEFT warns about.)
@@ -92,8 +92,12 @@ def test_injection_wraps_decoder_linears_only_and_freezes_the_base(tiny_base: Ba
         MultiLoRAModel(tiny_base.model)
 
 
-def test_mixed_batch_matches_peft_outputs_and_gradients(tiny_base: BaseModel, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("path", ["loop", "batched"])
+def test_mixed_batch_matches_peft_outputs_and_gradients(
+    tiny_base: BaseModel, tiny_model_dir: Path, path: LoRAPath
+) -> None:
     model = multi_lora(tiny_base)
+    model.lora_path = path
     inputs = batch(tiny_base)
     loss_weights = torch.randn(len(ROWS), inputs["input_ids"].shape[1], len(tiny_base.tokenizer))
     with model.use_adapters(ROWS):
@@ -149,8 +153,12 @@ def test_use_adapters_nests_and_restores(tiny_base: BaseModel) -> None:
         model.use_adapters(["nope"]).__enter__()
 
 
-def test_mixed_generation_with_kv_cache_matches_peft(tiny_base: BaseModel, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("path", ["loop", "batched"])
+def test_mixed_generation_with_kv_cache_matches_peft(
+    tiny_base: BaseModel, tiny_model_dir: Path, path: LoRAPath
+) -> None:
     model = multi_lora(tiny_base)
+    model.lora_path = path
     inputs = batch(tiny_base)
     settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tiny_base.tokenizer.pad_token_id}
     with model.use_adapters(ROWS), torch.no_grad():

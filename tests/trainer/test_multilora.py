@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loraplex_trainer.multilora import AdapterConfig, AdapterRouting, MultiLoRALinear
 
@@ -61,12 +64,13 @@ def test_routing_groups_rows_by_adapter() -> None:
     assert {name: rows.tolist() for name, rows in routing.rows.items()} == {"a": [0, 3], "b": [2], "c": [4]}
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
 @pytest.mark.parametrize("tokens", [5, 1], ids=["prefill", "decode"])
-def test_mixed_batch_matches_peft_outputs_and_gradients(tokens: int) -> None:
+def test_mixed_batch_matches_peft_outputs_and_gradients(tokens: int, batched: bool) -> None:
     layer = make_layer()
     x = torch.randn(len(ROWS), tokens, 16)
     weights = torch.randn(len(ROWS), tokens, 12)  # a different loss weight per output, so rows differ
-    layer.routing = AdapterRouting.from_rows(ROWS, "cpu")
+    layer.routing = AdapterRouting.from_rows(ROWS, "cpu", batched=batched)
     (layer(x) * weights).sum().backward()
     expected_base = layer.base_layer(x)
 
@@ -81,6 +85,57 @@ def test_mixed_batch_matches_peft_outputs_and_gradients(tokens: int) -> None:
         torch.testing.assert_close(layer(x)[mine], output, **TOLERANCE)
         torch.testing.assert_close(layer.lora_A[name].weight.grad, twin.lora_A[name].weight.grad, **TOLERANCE)
         torch.testing.assert_close(layer.lora_B[name].weight.grad, twin.lora_B[name].weight.grad, **TOLERANCE)
+
+
+def _outputs_and_gradients(
+    layer: MultiLoRALinear, rows: list[str | None], x: torch.Tensor, batched: bool
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    layer.routing = AdapterRouting.from_rows(rows, "cpu", batched=batched)
+    output = layer(x)
+    (output * torch.linspace(-1, 1, output.numel()).view(output.shape)).sum().backward()
+    grads = {f"{n}.{k}": getattr(layer, k)[n].weight.grad for n in layer.lora_A for k in ("lora_A", "lora_B")}
+    assert x.grad is not None
+    return output.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("adapters", [1, 4, 8, 16])
+def test_the_batched_path_equals_the_loop_for_many_adapters_of_different_ranks(adapters: int) -> None:
+    configs = {f"e{i}": AdapterConfig(rank=1 + (5 * i) % 16, alpha=2.0 + i) for i in range(adapters)}
+    layer = make_layer(configs)
+    # Uneven groups, rows with no adapter, and a name this layer does not hold (it targets other modules).
+    names = list(configs)
+    rows = [names[(3 * i) % adapters] if i % 5 else None for i in range(3 * adapters + 4)] + ["elsewhere"]
+    x = torch.randn(len(rows), 7, 16)
+    loop = _outputs_and_gradients(layer, rows, x, batched=False)
+    batched = _outputs_and_gradients(layer, rows, x, batched=True)
+    torch.testing.assert_close(batched[0], loop[0], **TOLERANCE)
+    torch.testing.assert_close(batched[1], loop[1], **TOLERANCE)  # the gradient flowing on to earlier layers
+    for key, grad in loop[2].items():
+        if grad is None:
+            assert batched[2][key] is None or torch.count_nonzero(batched[2][key]) == 0, key
+        else:
+            torch.testing.assert_close(batched[2][key], grad, **TOLERANCE)
+    # A change of one adapter's update shows: the comparison is not vacuous.
+    with torch.no_grad():
+        layer.lora_B[names[0]].weight.mul_(1.001)
+    moved = _outputs_and_gradients(layer, rows, x, batched=True)
+    assert not torch.allclose(moved[0], loop[0], atol=1e-6, rtol=1e-6)
+
+
+def test_the_batched_path_uses_the_loop_while_dropout_is_active() -> None:
+    layer = make_layer(
+        {"a": AdapterConfig(rank=4, alpha=8.0, dropout=0.5), "b": AdapterConfig(rank=2, alpha=2)}
+    )
+    layer.routing = AdapterRouting.from_rows(["a", "b"], "cpu", batched=True)
+    x = torch.randn(2, 64, 16)
+    layer.train()
+    torch.manual_seed(1)
+    trained = layer(x)
+    layer.routing = AdapterRouting.from_rows(["a", "b"], "cpu")
+    torch.manual_seed(1)
+    torch.testing.assert_close(layer(x), trained)  # the same dropout mask: the same path
 
 
 def test_loss_on_one_adapters_rows_leaves_others_without_gradient() -> None:
@@ -143,3 +198,39 @@ def test_remove_adapter_drops_its_parameters() -> None:
     layer.remove_adapter("b")
     assert set(layer.lora_A) == set(layer.lora_B) == {"a", "c"}
     assert len(list(layer.parameters())) == 2 + 4  # base weight and bias, A and B of two adapters
+
+
+class _KernelCounter(TorchDispatchMode):
+    """Counts aten operations that compute (not views): on a GPU, each is a kernel launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 0 if func.is_view else 1
+        return func(*args, **(kwargs or {}))
+
+
+def _kernels(adapters: int, batched: bool) -> tuple[int, int]:
+    """Kernels of one layer's forward and of its backward, for a batch of ``adapters`` adapters."""
+    configs = {f"e{i}": AdapterConfig(rank=2 + i % 3, alpha=4.0) for i in range(adapters)}
+    layer = make_layer(configs)
+    rows: list[str | None] = [name for name in configs for _ in range(2)] + [None]
+    layer.routing = AdapterRouting.from_rows(rows, "cpu", batched=batched)
+    x = torch.randn(len(rows), 3, 16, requires_grad=True)
+    with _KernelCounter() as forward:
+        output = layer(x)
+    with _KernelCounter() as backward:
+        output.sum().backward()
+    return forward.count, backward.count
+
+
+def test_the_batched_path_launches_as_many_kernels_for_16_adapters_as_for_2() -> None:
+    batched = {n: _kernels(n, batched=True) for n in (2, 8, 16)}
+    loop = {n: _kernels(n, batched=False) for n in (2, 8, 16)}
+    assert batched[2][0] == batched[8][0] == batched[16][0], batched  # the forward: constant
+    # The backward adds only what separate parameters must: each adapter's B gradient written out.
+    assert batched[16][1] - batched[2][1] <= 2 * 14, batched
+    assert loop[16][0] - loop[2][0] >= 5 * 14, loop  # the loop launches per adapter, forward and back
+    assert loop[16][1] - loop[2][1] >= 10 * 14, loop

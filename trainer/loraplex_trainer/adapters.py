@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from loraplex_trainer.model_host import lora_target_linears
-from loraplex_trainer.multilora import ALL_LINEAR, AdapterConfig, AdapterRouting, MultiLoRALinear
+from loraplex_trainer.multilora import ALL_LINEAR, AdapterConfig, AdapterRouting, LoRAPath, MultiLoRALinear
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class MultiLoRAModel(nn.Module):
             self.layers[path] = layer
         self.configs: dict[str, AdapterConfig] = {}
         self.routing: AdapterRouting | None = None
+        self.lora_path: LoRAPath = "auto"
+        """How the layers apply a batch's adapters (multilora.LoRAPath): batched on CUDA by default."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model; which adapter each row uses is set by use_adapters."""
@@ -162,7 +164,8 @@ class MultiLoRAModel(nn.Module):
             raise KeyError(f"use_adapters: no adapters named {unknown}; adapters: {self.adapter_names()}")
         device = next(self.model.parameters()).device
         previous = self.routing
-        self.set_routing(AdapterRouting.from_rows(rows, device))
+        batched = self.lora_path == "batched" or (self.lora_path == "auto" and device.type == "cuda")
+        self.set_routing(AdapterRouting.from_rows(rows, device, batched=batched))
         try:
             yield
         finally:
