@@ -7,7 +7,7 @@ Shapes: N rows in the step, B rows in a micro-batch, C completion positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -134,3 +134,6 @@ class LossReport:
     """Mean k3 KL per completion token (0 for experiments without klCoef)."""
     train_tokens: int
     """Prompt and completion tokens that went through the forward pass."""
+    logprob_diff_mean: dict[str, float] = field(default_factory=dict)
+    """Mean |engine log-prob - trainer log-prob| over the experiment's trained completion tokens."""
+    logprob_diff_max: dict[str, float] = field(default_factory=dict)

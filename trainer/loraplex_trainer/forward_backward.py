@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -22,15 +23,52 @@ from .prefill import prefill_prompts
 
 MAX_PADDING = 0.25
 """How much of a micro-batch's completion positions may be padding before it is split (see below)."""
+IMPORTANCE_CAP = 2.0
+"""Truncation of the per-token importance weight p_trainer / p_engine (veRL's and TRL's default)."""
+
+
+@dataclass
+class _Tally:
+    """Per-experiment sums over the micro-batches of one step."""
+
+    losses: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    kls: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    tokens: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    diff_sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    diff_max: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def report(self, train_tokens: int) -> LossReport:
+        def per_token(sums: dict[str, float]) -> dict[str, float]:
+            return {name: value / max(self.tokens[name], 1.0) for name, value in sums.items()}
+
+        return LossReport(
+            dict(self.losses),
+            per_token(self.kls),
+            train_tokens,
+            logprob_diff_mean=per_token(self.diff_sums),
+            logprob_diff_max=dict(self.diff_max),
+        )
 
 
 def forward_backward(
-    model: MultiLoRAModel, batch: TrainBatch, *, pad_id: int, micro_batch_tokens: int
+    model: MultiLoRAModel,
+    batch: TrainBatch,
+    *,
+    pad_id: int,
+    micro_batch_tokens: int,
+    sampler_logprobs: bool = False,
+    importance_cap: float = IMPORTANCE_CAP,
 ) -> LossReport:
-    """Accumulate every adapter's gradient over the step's rows; per-experiment loss and KL."""
-    losses: dict[str, float] = defaultdict(float)
-    kls: dict[str, float] = defaultdict(float)
-    kl_tokens: dict[str, float] = defaultdict(float)
+    """Accumulate every adapter's gradient over the step's rows; per-experiment loss, KL and log-prob gap.
+
+    ``sampler_logprobs``: the engine's log-probs come from another implementation (vLLM) and
+    differ from the trainer's by more than rounding. GRPO's ratio then uses the trainer's own
+    log-probs as the old policy (one update per rollout, so the ratio is 1 and the clip inactive
+    at this step, as when the old log-probs are recomputed), and each token is weighted by
+    ``min(p_trainer / p_engine, importance_cap)``: truncated importance sampling, which corrects
+    for the tokens having been sampled from the engine's slightly different distribution.
+    """
+    tally = _Tally()
     rows = batch.rows
     # Rows with zero advantage and no KL term have zero gradient: skip their forward entirely.
     useful = [
@@ -54,23 +92,20 @@ def forward_backward(
     model.train()
     for index in pack(useful, sizes, micro_batch_tokens, max_padding=MAX_PADDING):
         micro = batch.micro_batch(index)
-        _micro_step(model, micro, pad_id, losses, kls, kl_tokens)
+        cap = importance_cap if sampler_logprobs else None
+        _micro_step(model, micro, pad_id, tally, importance_cap=cap)
         train_tokens += sum(len(r.prompt_ids) + len(r.completion.token_ids) for r in micro.rows)
     model.eval()
-    for name in kls:
-        kls[name] = kls[name] / max(kl_tokens[name], 1.0)
-    return LossReport(dict(losses), dict(kls), train_tokens)
+    return tally.report(train_tokens)
 
 
 def _micro_step(
-    model: MultiLoRAModel,
-    micro: MicroBatch,
-    pad_id: int,
-    losses: dict[str, float],
-    kls: dict[str, float],
-    kl_tokens: dict[str, float],
+    model: MultiLoRAModel, micro: MicroBatch, pad_id: int, tally: _Tally, *, importance_cap: float | None
 ) -> None:
-    """Forward and backward of one micro-batch; adds its rows' loss and KL to their experiments'."""
+    """Forward and backward of one micro-batch; adds its rows' loss, KL and log-prob gap to their experiments'.
+
+    ``importance_cap`` None: the engine's log-probs are the old policy's; else see forward_backward.
+    """
     device = micro.mask.device
     algorithms = [r.algorithm for r in micro.rows]
     adapters = [r.experiment for r in micro.rows]
@@ -96,21 +131,28 @@ def _micro_step(
             del ref_logits
     clip_low = torch.tensor([a.clip_low for a in algorithms], device=device)[:, None]
     clip_high = torch.tensor([a.clip_high for a in algorithms], device=device)[:, None]
+    trainer_logprobs = logprobs.detach()
+    old = micro.old_logprobs if importance_cap is None else trainer_logprobs
     per_token, kl = per_token_loss(
         logprobs,
-        micro.old_logprobs,
+        old,
         advantages,
         clip_low=clip_low,
         clip_high=clip_high,
         ref_logprobs=ref,
         kl_coef=kl_coefs[:, None],
     )
+    if importance_cap is not None:
+        per_token = per_token * torch.exp(trainer_logprobs - micro.old_logprobs).clamp(max=importance_cap)
     per_row = (per_token * micro.mask).sum(-1) * micro.weights  # [B] each row's share of its loss
     per_row.sum().backward()
+    gap = (trainer_logprobs - micro.old_logprobs).abs() * micro.mask
     for i, name in enumerate(adapters):
-        losses[name] += float(per_row[i].detach())
-        kls[name] += float((kl[i] * micro.mask[i]).sum())
-        kl_tokens[name] += float(micro.mask[i].sum())
+        tally.losses[name] += float(per_row[i].detach())
+        tally.kls[name] += float((kl[i] * micro.mask[i]).sum())
+        tally.tokens[name] += float(micro.mask[i].sum())
+        tally.diff_sums[name] += float(gap[i].sum())
+        tally.diff_max[name] = max(tally.diff_max[name], float(gap[i].max()))
 
 
 def completion_logits(

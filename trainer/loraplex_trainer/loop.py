@@ -320,7 +320,11 @@ class Trainer:
         if not batch.rows:
             return LossReport({}, {}, 0)
         return forward_backward(
-            self.model, batch, pad_id=self.tokenizer.pad_token_id, micro_batch_tokens=self.micro_batch_tokens
+            self.model,
+            batch,
+            pad_id=self.tokenizer.pad_token_id,
+            micro_batch_tokens=self.micro_batch_tokens,
+            sampler_logprobs=not getattr(self.engine, "exact_logprobs", True),
         )
 
     def _optimize(self, active: Sequence[Experiment], losses: LossReport) -> dict[str, float]:
@@ -373,6 +377,8 @@ class Trainer:
                 "tokens": sum(tokens),
                 "completion_length": sum(tokens) / max(len(tokens), 1),
                 "grad_norm": grad_norms.get(exp.name, 0.0),
+                "logprob_diff_mean": losses.logprob_diff_mean.get(exp.name, 0.0),
+                "logprob_diff_max": losses.logprob_diff_max.get(exp.name, 0.0),
                 "seconds": report.seconds,
             }
             if exp.name in evals:
