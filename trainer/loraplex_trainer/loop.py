@@ -46,7 +46,8 @@ from .model_host import BaseModel
 from .optim import AdapterOptimizer, NonFiniteError
 from .rewards import RewardError, Sample, check_rewards
 from .rewards.sandbox import SandboxConfig, UidPool
-from .rollout.base import GenerationRequest, RolloutEngine
+from .rollout.base import EngineLimits, GenerationRequest, RolloutEngine
+from .rollout.choice import EngineKind
 from .rollout.torch_engine import TorchRolloutEngine
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Timings:
     reward: float = 0.0
     forward_backward: float = 0.0
     optimizer: float = 0.0
+    sync: float = 0.0
+    """Pushing the adapters that stepped to an engine that keeps its own copy (vLLM); ~0 for torch."""
     evaluation: float = 0.0
     checkpoint: float = 0.0
 
@@ -96,6 +99,8 @@ class Trainer:
         base: BaseModel,
         *,
         engine: RolloutEngine | None = None,
+        engine_kind: EngineKind = "torch",
+        engine_limits: EngineLimits | None = None,
         micro_batch_tokens: int = 4096,
         sandbox: SandboxConfig | None = None,
     ) -> None:
@@ -104,6 +109,11 @@ class Trainer:
         self.reward_uids = UidPool(self.sandbox.uids)
         self.tokenizer = base.tokenizer
         self.model = MultiLoRAModel(base.model)
+        self.engine_kind: EngineKind = engine_kind
+        if engine is None and engine_kind == "vllm":
+            from .rollout.vllm_engine import VLLMRolloutEngine  # vLLM is imported only when chosen
+
+            engine = VLLMRolloutEngine(self.model, base, engine_limits or EngineLimits())
         self.engine: RolloutEngine = engine or TorchRolloutEngine(self.model, base.tokenizer)
         self.micro_batch_tokens = micro_batch_tokens
         self.experiments: dict[str, Experiment] = {}
@@ -256,6 +266,10 @@ class Trainer:
             losses = self._loss(batch)
         with timed(timings, "optimizer"):
             grad_norms = self._optimize(active, losses)
+        with timed(timings, "sync"):
+            for exp in active:
+                if exp.active and exp.name in grad_norms:
+                    self.engine.sync_adapter(exp.name)
         report = StepReport(
             experiments=[e.name for e in active],
             timings=timings,
@@ -266,9 +280,9 @@ class Trainer:
         self._conclude(active, scored, losses, grad_norms, report)
         report.seconds = time.perf_counter() - started
         log.info(
-            "event=step experiments=%d rollout_s=%.2f reward_s=%.2f fwd_bwd_s=%.2f optim_s=%.3f eval_s=%.2f ckpt_s=%.2f tokens=%d",
+            "event=step experiments=%d rollout_s=%.2f reward_s=%.2f fwd_bwd_s=%.2f optim_s=%.3f sync_s=%.3f eval_s=%.2f ckpt_s=%.2f tokens=%d",
             len(active), timings.rollout, timings.reward, timings.forward_backward, timings.optimizer,
-            timings.evaluation, timings.checkpoint, report.rollout_tokens,
+            timings.sync, timings.evaluation, timings.checkpoint, report.rollout_tokens,
         )  # fmt: skip
         return report
 
@@ -342,8 +356,6 @@ class Trainer:
             except NonFiniteError as exc:
                 exp.fail(f"non-finite training signal at step {exp.step + 1}: {exc}")
             exp.optimizer.zero_grad()
-            if exp.active:
-                self.engine.sync_adapter(exp.name)
         return grad_norms
 
     def _conclude(

@@ -50,6 +50,13 @@ class TrainerMetrics:
             buckets=STEP_SECONDS_BUCKETS,
             registry=registry,
         )
+        self.logprob_diff = Gauge(
+            "loraplex_trainer_logprob_diff",
+            "Gap between the rollout engine's and the trainer's log-probs of the last step's tokens "
+            "(stat: mean or max of |difference|).",
+            ["experiment", "stat"],
+            registry=registry,
+        )
         self.adapters = Gauge(
             "loraplex_trainer_adapters", "Adapters training on this replica.", registry=registry
         )
@@ -74,6 +81,9 @@ class TrainerMetrics:
         for experiment, metrics in report.metrics.items():
             self.steps.labels(experiment=experiment).inc()
             self.reward.labels(experiment=experiment).set(float(metrics["reward_mean"]))
+            for stat in ("mean", "max"):
+                value = float(metrics.get(f"logprob_diff_{stat}", 0.0))
+                self.logprob_diff.labels(experiment=experiment, stat=stat).set(value)
 
     def forget(self, experiment: str) -> None:
         """Remove every series of an experiment whose adapter left this replica."""
@@ -81,6 +91,9 @@ class TrainerMetrics:
             # The reward series exists only after a first step; removing a missing one is fine.
             with contextlib.suppress(KeyError):
                 metric.remove(experiment)
+        for stat in ("mean", "max"):
+            with contextlib.suppress(KeyError):
+                self.logprob_diff.remove(experiment, stat)
 
     def set_memory(self, usage: Mapping[str, int]) -> None:
         """Set the memory gauges of the kinds measured (a kind not measurable here is left out)."""

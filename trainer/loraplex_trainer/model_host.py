@@ -139,6 +139,9 @@ class BaseModel:
     tokenizer: transformers.PreTrainedTokenizerBase  # has a pad token, pads on the left
     facts: ModelFacts
     uri: str
+    folder: Path | None = None
+    """The local save_pretrained folder it was loaded from (what a vLLM engine loads too)."""
+    dtype: str = "float32"
 
 
 def lora_target_linears(model: transformers.PreTrainedModel) -> dict[str, nn.Linear]:
@@ -268,7 +271,7 @@ def load_base_model(
         facts.parameter_count,
         time.perf_counter() - started,
     )
-    return BaseModel(model=model, tokenizer=tokenizer, facts=facts, uri=uri)
+    return BaseModel(model=model, tokenizer=tokenizer, facts=facts, uri=uri, folder=Path(source), dtype=dtype)
 
 
 def hf_snapshot_folder(uri: str, repo_id: str, revision: str | None) -> Path:

@@ -31,6 +31,7 @@ from .loop import Trainer
 from .model_host import BaseModel, load_base_model, resolve_device, resolve_dtype
 from .report import RunTotals, plot_rewards, write_summary
 from .rewards.sandbox import SandboxConfig, harden_trainer
+from .rollout.choice import EngineUnavailable, choose_engine, engine_limits
 from .shutdown import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def progress_table(experiments: Sequence[Experiment], totals: RunTotals, title: 
         table.caption = (
             f"{totals.steps} shared steps, {totals.seconds:.0f}s | per step: rollout {t.rollout / totals.steps:.1f}s, "
             f"reward {t.reward / totals.steps:.2f}s, fwd/bwd {t.forward_backward / totals.steps:.1f}s, "
-            f"optimizer {t.optimizer / totals.steps:.2f}s | "
+            f"optimizer {t.optimizer / totals.steps:.2f}s, sync {t.sync / totals.steps:.2f}s | "
             f"{totals.rollout_tokens / max(t.rollout, 1e-9):.0f} rollout tok/s"
         )
     return table
@@ -188,7 +189,11 @@ def train(args: argparse.Namespace) -> int:
         # barrier; on a busy 2-core machine one thread was 5-19x faster than two. By default:
         # no more than the process may really use (affinity, container quota).
         torch.set_num_threads(args.threads or min(torch.get_num_threads(), cpu_budget()))
+        kind = choose_engine(pool.spec.trainer.rollout_engine, resolve_device(args.device))
         base = load_pool_model(pool, args.device, console)
+    except EngineUnavailable as exc:
+        print(f"SharedBasePool/{pool.metadata.name}: {exc}", file=sys.stderr)
+        return 1
     except ManifestError as exc:
         for problem in exc.problems:  # one unwrapped line each, greppable
             print(problem, file=sys.stderr)
@@ -197,7 +202,7 @@ def train(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
 
-    trainer = Trainer(base, sandbox=sandbox)
+    trainer = Trainer(base, sandbox=sandbox, engine_kind=kind, engine_limits=engine_limits(pool))
     experiments = []
     for resource, base_dir in specs:
         spec = resource.spec
@@ -210,7 +215,7 @@ def train(args: argparse.Namespace) -> int:
         trainer.add(exp, base_dir=base_dir)
 
     totals = RunTotals()
-    title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri})"
+    title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri}, {kind} rollouts)"
     try:
         _train_until_done(trainer, experiments, totals, stop, out, console, title, live=not args.no_live)
     except OSError as exc:  # the disk filled up, the folder went read-only: every experiment stops

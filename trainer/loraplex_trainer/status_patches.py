@@ -52,12 +52,14 @@ def loading_status(*, total_steps: int, message: str, now: str) -> dict[str, Any
 
 
 def metric_values(exp: Experiment) -> list[dict[str, str]]:
-    """The last step's mean reward, the latest eval reward and the last loss, as strings for printer columns."""
+    """The last step's mean reward, the latest eval reward, the last loss and the engine/trainer
+    log-prob gap, as strings (for printer columns and kubectl)."""
     last = exp.history[-1] if exp.history else {}
     values = [
         ("reward", last.get("reward_mean")),
         ("eval_reward", exp.eval_reward),
         ("loss", last.get("loss")),
+        ("logprob_diff_max", last.get("logprob_diff_max")),
     ]
     return [{"name": name, "value": format_metric(v)} for name, v in values if v is not None]
 

@@ -224,7 +224,7 @@ def test_agent_trains_reports_and_follows_placements(cluster: Cluster, agent: Ag
     done = until(lambda: training(cluster, "short"), lambda t: t.get("state") == "Completed", timeout=90)
     assert done["step"] == done["totalSteps"] == 4 and done["progressPercentage"] == 100
     assert done["lastHeartbeatTime"].endswith("Z") and done["message"] == "completed 4 steps"
-    assert {m["name"] for m in done["metrics"]} == {"reward", "loss", "eval_reward"}
+    assert {m["name"] for m in done["metrics"]} == {"reward", "loss", "eval_reward", "logprob_diff_max"}
     short = api.get("LoRAExperiment", "short")
     assert short is not None
     candidate = short["status"]["adapter"]["candidate"]
@@ -439,3 +439,18 @@ def test_a_model_that_cannot_be_had_is_reported_on_the_pool_and_retried_without_
         what="status.model facts",
     )
     assert "problem" not in model
+
+
+def test_a_rollout_engine_that_is_not_installed_is_a_pool_problem_not_a_crash(
+    cluster: Cluster, start_agent: Callable[..., RunningAgent]
+) -> None:
+    cluster.api.patch("SharedBasePool", "tiny", {"spec": {"trainer": {"rolloutEngine": "vllm"}}})
+    running = start_agent(model_retry_seconds=0.2)
+    problem = until(
+        lambda: pool_status(cluster).get("model", {}).get("problem") or {},
+        lambda p: bool(p),
+        what="status.model.problem",
+    )
+    assert problem["reason"] == "RolloutEngineUnavailable"
+    assert "pip install vllm" in problem["message"]
+    assert running.thread.is_alive() and not running.agent.ready.is_set()

@@ -37,6 +37,19 @@ class Completion:
     finish_reason: FinishReason
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """What an engine that keeps its own copy of the adapters must have room for (from the pool)."""
+
+    max_adapters: int = 8
+    """capacity.maxAdaptersPerReplica: every adapter the replica may host at once."""
+    max_rank: int = 64
+    """capacity.maxLoRARank."""
+    gpu_memory_utilization: float = 0.5
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """Generates mixed-adapter batches; implemented by the torch engine and, later, the vLLM one.
