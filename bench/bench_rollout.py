@@ -6,10 +6,13 @@ examples/quickstart) are generated four ways, interleaved --repeats times, media
 - ``shared``: the engine as the trainer runs it, one prefill per distinct (adapter, prompt);
 - ``per-row``: the engine with ``share_prefill=False``, every row prefilling its own prompt;
 - ``shared, base``: the shared engine with every row on the base model (adapter None);
-- ``hf generate``: transformers' ``generate`` on the base model with the same rows (sampled).
+- ``hf generate``: transformers' ``generate`` on the base model with the same rows (sampled);
+- ``shared, one adapter``: the torch engine with every row on the first adapter;
+- where vLLM is installed (``make test-vllm`` builds such an environment; ``--vllm off`` skips
+  it): ``vllm, mixed`` (the vLLM engine, the same mixed batch) and ``vllm, one adapter``.
 
 Prints seconds and generated tokens per second for each, and the ratios to ``shared``.
-Usage: ``python bench/bench_rollout.py [--repeats N] [--threads N] [--model URI]``.
+Usage: ``python bench/bench_rollout.py [--repeats N] [--threads N] [--model URI] [--adapters 8]``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from quickstart_adapters import add_quickstart_adapters
 
 from loraplex_trainer.adapters import MultiLoRAModel
 from loraplex_trainer.model_host import BaseModel, load_base_model
-from loraplex_trainer.rollout import GenerationRequest
+from loraplex_trainer.rollout import GenerationRequest, RolloutEngine
+from loraplex_trainer.rollout.base import EngineLimits
+from loraplex_trainer.rollout.choice import vllm_installed
 from loraplex_trainer.rollout.torch_engine import TorchRolloutEngine
 
 QUESTIONS = [
@@ -109,6 +114,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--vllm", choices=["auto", "off"], default="auto", help="vLLM arms where it is installed"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -120,7 +128,9 @@ def main() -> None:
     shared = TorchRolloutEngine(model, base.tokenizer)
     per_row = TorchRolloutEngine(model, base.tokenizer, share_prefill=False)
 
-    def tokens_of(engine: TorchRolloutEngine, rows: list[GenerationRequest]) -> Callable[[], int]:
+    one = [GenerationRequest(r.prompt_ids, names[0], r.max_new_tokens, seed=r.seed) for r in requests]
+
+    def tokens_of(engine: RolloutEngine, rows: list[GenerationRequest]) -> Callable[[], int]:
         return lambda: sum(len(c.token_ids) for c in engine.generate(rows))
 
     arms: dict[str, Callable[[], int]] = {
@@ -128,7 +138,18 @@ def main() -> None:
         "per-row": tokens_of(per_row, requests),
         "shared, base": tokens_of(shared, base_requests),
         "hf generate": lambda: hf_generate(base, base_requests, shared.stop_ids),
+        "shared, one adapter": tokens_of(shared, one),
     }
+    if args.vllm == "auto" and vllm_installed():
+        from loraplex_trainer.rollout.vllm_engine import VLLMRolloutEngine
+
+        limits = EngineLimits(max_adapters=len(names), max_rank=64, max_model_len=1024, enforce_eager=True)
+        served = VLLMRolloutEngine(model, base, limits)
+        for name in names:
+            served.sync_adapter(name)
+        arms["vllm, mixed"] = tokens_of(served, requests)
+        arms["vllm, one adapter"] = tokens_of(served, one)
+        arms["vllm, mixed"]()  # warm-up
     seconds: dict[str, list[float]] = {arm: [] for arm in arms}
     tokens: dict[str, list[int]] = {arm: [] for arm in arms}
     arms["shared"]()  # warm-up: first-call allocations and lazy initialisation
@@ -148,14 +169,14 @@ def main() -> None:
     reference = statistics.median(seconds["shared"])
     reference_rate = statistics.median(tokens["shared"]) / reference
     print(
-        f"{'arm':<14} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'time / shared':>14} {'rate / shared':>14}"
+        f"{'arm':<20} {'seconds':>8} {'tokens':>7} {'tokens/s':>9} {'time / shared':>14} {'rate / shared':>14}"
     )
     for arm in arms:
         median_seconds = statistics.median(seconds[arm])
         median_tokens = statistics.median(tokens[arm])
         rate = median_tokens / median_seconds
         print(
-            f"{arm:<14} {median_seconds:>8.2f} {median_tokens:>7.0f} {rate:>9.1f} "
+            f"{arm:<20} {median_seconds:>8.2f} {median_tokens:>7.0f} {rate:>9.1f} "
             f"{median_seconds / reference:>14.2f} {rate / reference_rate:>14.2f}"
         )
 
