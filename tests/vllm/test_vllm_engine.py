@@ -20,7 +20,7 @@ from loraplex_trainer.model_host import BaseModel, load_base_model
 from loraplex_trainer.multilora import AdapterConfig
 from loraplex_trainer.rollout.base import EngineLimits, GenerationRequest
 from loraplex_trainer.rollout.torch_engine import TorchRolloutEngine
-from loraplex_trainer.rollout.vllm_engine import VLLMRolloutEngine
+from loraplex_trainer.rollout.vllm_engine import BASE_ROWS, VLLMRolloutEngine
 
 pytestmark = pytest.mark.vllm
 PROMPTS = ["2+2=", "hello there", "abc", "The answer is"]
@@ -117,9 +117,7 @@ def test_each_sync_serves_the_new_weights_under_a_new_version_and_leaves_nothing
     assert after.token_ids == engines.torch.generate(request)[0].token_ids
     assert after.token_ids != before  # the new weights, not a cached old copy
     folders = sorted(p.name for p in engines.vllm._root.iterdir())
-    assert folders == sorted(
-        ["loraplex-base", *(v.replace("@", "-") for v in engines.vllm.loaded().values())]
-    )
+    assert folders == sorted([BASE_ROWS, *(v.replace("@", "-") for v in engines.vllm.loaded().values())])
 
 
 def test_removing_an_adapter_unloads_it_and_deletes_its_folder(engines: Engines) -> None:

@@ -174,6 +174,26 @@ def agent(start_agent: Callable[..., RunningAgent]) -> Agent:
     return start_agent().agent
 
 
+def placed_run(cluster: Cluster, *, max_steps: int, checkpoint: dict[str, int]) -> None:
+    """Experiment "x" (one inline row, a length reward) with these checkpoints, placed here."""
+    inline = {"inline": [{"prompt": "say a", "answer": "a"}]}
+    body = experiment(
+        "x", inline, {"builtin": {"name": "length", "args": {"target": 3}}}, max_steps=max_steps
+    )
+    body["spec"]["checkpoint"] = checkpoint
+    cluster.api.create(body)
+    place(cluster, "x")
+
+
+def model_problem(cluster: Cluster) -> dict[str, Any]:
+    """The pool's status.model.problem, once a trainer wrote one."""
+    return until(
+        lambda: pool_status(cluster).get("model", {}).get("problem") or {},
+        lambda p: bool(p),
+        what="status.model.problem",
+    )
+
+
 def until(fetch: Callable[[], T], ok: Callable[[T], bool], *, timeout: float = 45.0, what: str = "") -> T:
     """Poll ``fetch`` until ``ok`` holds for its value, and return that value (which may be falsy)."""
 
@@ -317,11 +337,7 @@ def test_stopping_mid_run_checkpoints_the_step_and_reports_interrupted(
     cluster: Cluster, start_agent: Callable[..., RunningAgent]
 ) -> None:
     """A drain or scale-down: the step in flight is finished, checkpointed and named as the candidate."""
-    inline = {"inline": [{"prompt": "say a", "answer": "a"}]}
-    body = experiment("x", inline, {"builtin": {"name": "length", "args": {"target": 3}}}, max_steps=1000)
-    body["spec"]["checkpoint"] = {"everySteps": 500, "keepLast": 2}  # no periodic one before the stop
-    cluster.api.create(body)
-    place(cluster, "x")
+    placed_run(cluster, max_steps=1000, checkpoint={"everySteps": 500, "keepLast": 2})  # none before the stop
     first = start_agent()
     until(
         lambda: training(cluster, "x"), lambda t: t.get("state") == "Running" and t["step"] >= 3, timeout=90
@@ -383,11 +399,9 @@ def test_a_candidate_promoted_between_two_polls_survives_pruning(
     cluster: Cluster, start_agent: Callable[..., RunningAgent]
 ) -> None:
     """The operator may promote a candidate before the agent's next poll shows it: keep it till then."""
-    inline = {"inline": [{"prompt": "say a", "answer": "a"}]}
-    body = experiment("x", inline, {"builtin": {"name": "length", "args": {"target": 3}}}, max_steps=100_000)
-    body["spec"]["checkpoint"] = {"everySteps": 1, "keepLast": 1}  # every step prunes the one before
-    cluster.api.create(body)
-    place(cluster, "x")
+    placed_run(
+        cluster, max_steps=100_000, checkpoint={"everySteps": 1, "keepLast": 1}
+    )  # each prunes the last
     running = start_agent()
     promoted: list[dict[str, Any]] = []
 
@@ -418,11 +432,7 @@ def test_a_model_that_cannot_be_had_is_reported_on_the_pool_and_retried_without_
     absent = "hf://loraplex-tests/not-in-the-cache"
     cluster.api.patch("SharedBasePool", "tiny", {"spec": {"model": {"uri": absent}}})
     running = start_agent(model_retry_seconds=0.2)
-    problem = until(
-        lambda: pool_status(cluster).get("model", {}).get("problem") or {},
-        lambda p: bool(p),
-        what="status.model.problem",
-    )
+    problem = model_problem(cluster)
     assert problem["reason"] == "ModelNotCached" and problem["uri"] == absent
     assert absent in problem["message"]
     time.sleep(1.0)  # several retries later: alive, not ready, no crash
@@ -446,11 +456,7 @@ def test_a_rollout_engine_that_is_not_installed_is_a_pool_problem_not_a_crash(
 ) -> None:
     cluster.api.patch("SharedBasePool", "tiny", {"spec": {"trainer": {"rolloutEngine": "vllm"}}})
     running = start_agent(model_retry_seconds=0.2)
-    problem = until(
-        lambda: pool_status(cluster).get("model", {}).get("problem") or {},
-        lambda p: bool(p),
-        what="status.model.problem",
-    )
+    problem = model_problem(cluster)
     assert problem["reason"] == "RolloutEngineUnavailable"
     assert "pip install vllm" in problem["message"]
     assert running.thread.is_alive() and not running.agent.ready.is_set()

@@ -45,8 +45,9 @@ from loraplex_trainer.rollout.torch_engine import check_request
 
 logger = logging.getLogger(__name__)
 
-BASE_ROWS = "loraplex-base"
-"""The all-zero adapter base rows run with (see the module docstring)."""
+BASE_ROWS = "zero_for_base_rows"
+"""The all-zero adapter base rows run with (see the module docstring); an underscore, so no
+experiment (a Kubernetes name) can be called the same."""
 RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The max_lora_rank values vLLM accepts."""
 
