@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -497,8 +498,6 @@ def _cpu(quantity: str) -> float:
 
 
 def _free_ports(declared: list[int]) -> dict[int, int]:
-    import socket
-
     mapped = {}
     for port in declared:
         with socket.socket() as s:

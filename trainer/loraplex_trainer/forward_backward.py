@@ -79,20 +79,20 @@ def forward_backward(
     # next to another's long ones would be mostly padding. So groups (the rows of one prompt, which
     # share a micro-batch and with it one prompt pass) go in order of their longest completion, and
     # a micro-batch ends where the next group would make it more than a quarter padding.
+    group = {i: (rows[i].experiment, tuple(rows[i].prompt_ids)) for i in useful}
     longest: dict[tuple[str, tuple[int, ...]], int] = defaultdict(int)
-    for i in useful:
-        key = (rows[i].experiment, tuple(rows[i].prompt_ids))
+    for i, key in group.items():
         longest[key] = max(longest[key], len(rows[i].completion.token_ids))
-    group_tail = {i: longest[(rows[i].experiment, tuple(rows[i].prompt_ids))] for i in useful}
+    group_tail = {i: longest[key] for i, key in group.items()}
     useful.sort(
         key=lambda i: (group_tail[i], len(rows[i].prompt_ids), rows[i].prompt_ids, rows[i].experiment, i)
     )
     sizes = [(len(r.prompt_ids), group_tail.get(i, 0)) for i, r in enumerate(rows)]
+    cap = importance_cap if sampler_logprobs else None
     train_tokens = 0
     model.train()
     for index in pack(useful, sizes, micro_batch_tokens, max_padding=MAX_PADDING):
         micro = batch.micro_batch(index)
-        cap = importance_cap if sampler_logprobs else None
         _micro_step(model, micro, pad_id, tally, importance_cap=cap)
         train_tokens += sum(len(r.prompt_ids) + len(r.completion.token_ids) for r in micro.rows)
     model.eval()

@@ -109,7 +109,6 @@ class Trainer:
         self.reward_uids = UidPool(self.sandbox.uids)
         self.tokenizer = base.tokenizer
         self.model = MultiLoRAModel(base.model)
-        self.engine_kind: EngineKind = engine_kind
         if engine is None and engine_kind == "vllm":
             from .rollout.vllm_engine import VLLMRolloutEngine  # vLLM is imported only when chosen
 
@@ -338,7 +337,7 @@ class Trainer:
             batch,
             pad_id=self.tokenizer.pad_token_id,
             micro_batch_tokens=self.micro_batch_tokens,
-            sampler_logprobs=not getattr(self.engine, "exact_logprobs", True),
+            sampler_logprobs=not self.engine.exact_logprobs,
         )
 
     def _optimize(self, active: Sequence[Experiment], losses: LossReport) -> dict[str, float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, cast
 
 import torch
@@ -64,6 +64,19 @@ class AdapterRouting:
     row_map: torch.Tensor | None = None
     """[adapters in ``rows`` order, most rows of one adapter]: each adapter's rows, padded with
     ``batch_size`` (a row of zeros the batched path appends); only with ``batched``."""
+    _row_maps: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def row_map_of(self, names: tuple[str, ...]) -> torch.Tensor:
+        """``row_map``'s rows of these adapters (those a layer holds), made once per batch, not per layer."""
+        assert self.row_map is not None
+        if len(names) == len(self.rows):
+            return self.row_map
+        found = self._row_maps.get(names)
+        if found is None:
+            order = {name: i for i, name in enumerate(self.rows)}
+            index = torch.tensor([order[name] for name in names], device=self.row_map.device)
+            found = self._row_maps[names] = self.row_map.index_select(0, index)
+        return found
 
     @classmethod
     def from_rows(
@@ -176,13 +189,11 @@ class MultiLoRALinear(nn.Module):
         padded block each (``routing.row_map``); two batched matmuls then apply every adapter to its
         own rows at once, and one scatter adds the updates back. Equal to the loop up to rounding.
         """
-        assert routing.row_map is not None
-        present = [i for i, name in enumerate(routing.rows) if name in self.lora_A]
-        if not present:
+        names = tuple(name for name in routing.rows if name in self.lora_A)
+        if not names:
             return result
-        names = [list(routing.rows)[i] for i in present]
-        pad_index, scale = self._stack_plan(tuple(names))
-        row_map = routing.row_map if len(present) == len(routing.rows) else routing.row_map[present]
+        pad_index, scale = self._stack_plan(names)
+        row_map = routing.row_map_of(names)
         n, widest = row_map.shape
         r_max = pad_index.numel() // n
         a_cat = torch.cat([*(self._a(m).weight for m in names), self._zero_rows(1, x.shape[-1])])

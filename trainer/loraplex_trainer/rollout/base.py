@@ -63,6 +63,10 @@ class RolloutEngine(Protocol):
     logprobs must be the raw ones described on `Completion`, not top-p processed.
     """
 
+    exact_logprobs: bool
+    """Whether the log-probs are the trained model's own (torch) or another implementation's
+    (vLLM), in which case the trainer recomputes them (see forward_backward)."""
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Return one completion per request, in request order."""
         ...

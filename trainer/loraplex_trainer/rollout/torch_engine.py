@@ -59,6 +59,9 @@ class TorchRolloutEngine:
     as they finish.
     """
 
+    exact_logprobs = True
+    """It samples from the model being trained: its log-probs are the trainer's."""
+
     def __init__(
         self,
         model: MultiLoRAModel,

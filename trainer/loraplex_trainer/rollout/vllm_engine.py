@@ -87,8 +87,6 @@ class VLLMRolloutEngine:
         self._root = sync_root()
         self._ids = itertools.count(1)
         self._served: dict[str, Any] = {}  # adapter -> its LoRARequest now loaded
-        self.sync_seconds = 0.0
-        """Seconds spent syncing adapters since the last ``take_sync_seconds`` (the ``sync`` phase)."""
         started = time.perf_counter()
         slots = limits.max_adapters + 1  # and the zero adapter of base rows
         args: dict[str, Any] = {
@@ -122,7 +120,6 @@ class VLLMRolloutEngine:
 
     def sync_adapter(self, name: str) -> None:
         """Serve the adapter's current weights from the next ``generate`` on, under a new version."""
-        started = time.perf_counter()
         version = next(self._ids)
         folder = self._root / f"{name}-v{version}"
         self._model.save_adapter(name, folder, base_model_name_or_path=self._base_name)
@@ -132,18 +129,12 @@ class VLLMRolloutEngine:
         self._served[name] = request
         if previous is not None:
             self._unload(previous)
-        self.sync_seconds += time.perf_counter() - started
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter whose experiment has ended and delete its folder."""
         request = self._served.pop(name, None)
         if request is not None:
             self._unload(request)
-
-    def take_sync_seconds(self) -> float:
-        """Sync seconds since the last call (the trainer's ``sync`` phase of a step)."""
-        seconds, self.sync_seconds = self.sync_seconds, 0.0
-        return seconds
 
     def loaded(self) -> dict[str, str]:
         """Adapter -> the versioned name vLLM serves it under."""
