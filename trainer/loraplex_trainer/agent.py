@@ -195,6 +195,8 @@ class Agent:
             heartbeat_stop.set()
             self.writer.join()
             self._close_adapters()
+            if self.trainer is not None:
+                self.trainer.engine.close()
             for stop in servers:
                 stop()
             log.info("event=agent_stopped replica=%s", self.config.replica)

@@ -157,8 +157,13 @@ class Trainer:
             experiment.fail(f"resume: {exc}")
             self.remove(name)
             return
+        try:
+            self.engine.sync_adapter(name)
+        except ValueError as exc:  # more adapters, or a larger rank, than the engine has room for
+            experiment.fail(f"rollout engine: {exc}")
+            self.remove(name)
+            return
         experiment.state = State.RUNNING
-        self.engine.sync_adapter(name)
         if experiment.step >= experiment.total_steps:
             self._finish(experiment, Timings())
         log.info("event=experiment_added experiment=%s step=%d", name, experiment.step)

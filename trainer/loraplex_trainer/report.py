@@ -20,6 +20,7 @@ SMOOTH = 5  # steps averaged for the "first"/"last" reward figures; single steps
 class RunTotals:
     """Totals over every shared step of one run (one process lifetime)."""
 
+    rollout_engine: str = "torch"
     steps: int = 0
     seconds: float = 0.0
     rollout_tokens: int = 0
@@ -80,6 +81,7 @@ def write_summary(out: Path, experiments: list[Experiment], totals: RunTotals) -
             "experiments": len(experiments),
             "completed": sum(e.state.value == "Completed" for e in experiments),
             "failed": sum(e.state.value == "Failed" for e in experiments),
+            "rollout_engine": totals.rollout_engine,
             "shared_steps": totals.steps,
             "wall_seconds": round(totals.seconds, 3),
             "rollout_tokens": totals.rollout_tokens,

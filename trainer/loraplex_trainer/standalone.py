@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -202,7 +204,13 @@ def train(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
 
-    trainer = Trainer(base, sandbox=sandbox, engine_kind=kind, engine_limits=engine_limits(pool))
+    if kind == "vllm":  # vLLM logs to stdout: under the live table, only what needs reading
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if args.no_live else "WARNING")
+    # One process hosts the whole run: the engine needs room for all of it, whatever one replica's
+    # is (ranks are already checked against capacity.maxLoRARank).
+    limits = engine_limits(pool)
+    limits = dataclasses.replace(limits, max_adapters=max(limits.max_adapters, len(specs)))
+    trainer = Trainer(base, sandbox=sandbox, engine_kind=kind, engine_limits=limits)
     experiments = []
     for resource, base_dir in specs:
         spec = resource.spec
@@ -214,7 +222,7 @@ def train(args: argparse.Namespace) -> int:
         experiments.append(exp)
         trainer.add(exp, base_dir=base_dir)
 
-    totals = RunTotals()
+    totals = RunTotals(rollout_engine=kind)
     title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri}, {kind} rollouts)"
     try:
         _train_until_done(trainer, experiments, totals, stop, out, console, title, live=not args.no_live)
@@ -230,6 +238,7 @@ def train(args: argparse.Namespace) -> int:
         for exp in experiments:
             if exp.state is State.RUNNING:  # an error is on its way out: free the workers
                 trainer.remove(exp.name)
+        trainer.engine.close()
     console.print(progress_table(experiments, totals, title))
     console.print(
         f"outputs: {out}/<experiment>/{{adapter,checkpoints,metrics.jsonl,reward.png}}, {out}/summary.json"

@@ -78,3 +78,7 @@ class RolloutEngine(Protocol):
     def remove_adapter(self, name: str) -> None:
         """Forget an adapter whose experiment has ended."""
         ...
+
+    def close(self) -> None:
+        """Release what the engine holds outside the trained model (memory, folders)."""
+        ...

@@ -131,6 +131,9 @@ class TorchRolloutEngine:
     def remove_adapter(self, name: str) -> None:
         """Nothing to do: adapters are removed from the shared model by its owner."""
 
+    def close(self) -> None:
+        """Nothing to do: the engine holds nothing of its own."""
+
     @torch.inference_mode()
     def _generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Prefill each distinct prompt once, then decode one token per row per step until all stop."""
