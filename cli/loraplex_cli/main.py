@@ -62,6 +62,36 @@ def _agent(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from loraplex_trainer.serving import run_local
+
+    return run_local(args)
+
+
+def _serving(args: argparse.Namespace) -> int:
+    from loraplex_trainer.serving import run_pod
+
+    return run_pod(args)
+
+
+def _serving_arguments(parser: argparse.ArgumentParser, *, host: str) -> None:
+    parser.add_argument("--host", default=host, help=f"address to answer on (default: {host})")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port of the OpenAI-compatible API (default: 8000)"
+    )
+    parser.add_argument(
+        "--max-lora-rank", type=int, default=64, help="the largest adapter rank (default: 64)"
+    )
+    parser.add_argument("--dtype", default="auto", help="vLLM's --dtype (default: auto)")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        help="seconds between reads of the promoted adapters (default: 2)",
+    )
+    parser.set_defaults(vllm_args=[])  # what follows `--` on the command line: more `vllm serve` arguments
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="loraplex", description=(__doc__ or "").split("\n\n")[0])
@@ -111,12 +141,38 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--health-port", type=int, default=HEALTH_PORT)
     agent.add_argument("--metrics-port", type=int, default=METRICS_PORT)
     agent.set_defaults(func=_agent)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a run's base model and adapters over an OpenAI-compatible API (vLLM); after --: vllm serve arguments",
+    )
+    serve.add_argument("run_dir", help="a `loraplex train --output` folder")
+    _serving_arguments(serve, host="127.0.0.1")
+    serve.set_defaults(func=_serve)
+
+    serving = sub.add_parser("serving", help="run a SharedBasePool's serving replica (in its pod)")
+    serving.add_argument("--model-uri", required=True, help="the base model (file:// inside the pod)")
+    serving.add_argument("--model-name", required=True, help="the pool's spec.model.name, served as the base")
+    serving.add_argument("--namespace", default=None, help="namespace of the promoted-adapters ConfigMap")
+    serving.add_argument("--configmap", default=None, help="the pool's promoted-adapters ConfigMap")
+    serving.add_argument("--promoted-dir", default=None, help="or: that ConfigMap mounted as a folder")
+    serving.add_argument("--claim", action="append", default=[], help="NAME=/mount: where a claim is mounted")
+    serving.add_argument("--max-loras", type=int, default=8, help="adapters batched at once (default: 8)")
+    _serving_arguments(serving, host="0.0.0.0")
+    serving.set_defaults(func=_serving)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and run the chosen subcommand."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on: list[str] = []
+    if argv and argv[0] in ("serve", "serving") and "--" in argv:  # the rest is vLLM's
+        cut = argv.index("--")
+        argv, passed_on = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if passed_on:
+        args.vllm_args = passed_on
     return int(args.func(args) or 0)
 
 

@@ -16,7 +16,6 @@ from transformers import LlamaForCausalLM
 from loraplex_trainer.model_host import BaseModel, load_base_model
 from tests.trainer.conftest import build_tiny_model, build_tiny_tokenizer
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # The engine core in this process: starts in ~5 s instead of ~13 s, and half the memory.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 

@@ -220,35 +220,7 @@ def load_base_model(
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} for {uri} is not supported; use one of {sorted(DTYPES)}")
     started = time.perf_counter()
-    scheme, _, rest = uri.partition("://")
-    if not rest or f"{scheme}://" not in ACCEPTED_SCHEMES:
-        raise ValueError(
-            f"model uri {uri!r} is not understood; accepted schemes: {', '.join(ACCEPTED_SCHEMES)}"
-        )
-    if revision is not None and scheme != "hf":
-        logger.warning(
-            "revision ignored uri=%s revision=%s reason=only-hf-uris-have-revisions", uri, revision
-        )
-
-    if scheme == "file":
-        folder = Path(rest)
-        if not folder.is_absolute() or not folder.is_dir():
-            raise ModelUnavailable(
-                uri,
-                "ModelNotFound",
-                f"model uri {uri!r}: {rest!r} is not an existing absolute folder; "
-                "expected file:///abs/path to a save_pretrained folder",
-            )
-        source = str(folder)
-    elif scheme == "hf":
-        source = str(hf_snapshot_folder(uri, rest, revision))
-    elif scheme == "builtin":
-        source = str(builtin_cache_folder(uri, rest))
-    else:
-        raise ValueError(
-            f"model uri {uri!r}: pvc:// volumes are mounted into trainer pods by the operator and "
-            "cannot be read from here; load the mounted folder with file:///mount/path instead"
-        )
+    source = str(model_folder(uri, revision=revision))
 
     # Every scheme has become a local folder by now; local_files_only guards against any download.
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
@@ -272,6 +244,38 @@ def load_base_model(
         time.perf_counter() - started,
     )
     return BaseModel(model=model, tokenizer=tokenizer, facts=facts, uri=uri, folder=Path(source), dtype=dtype)
+
+
+def model_folder(uri: str, *, revision: str | None = None) -> Path:
+    """The local save_pretrained folder of a ``spec.model.uri``: downloaded or dequantized first if need be."""
+    scheme, _, rest = uri.partition("://")
+    if not rest or f"{scheme}://" not in ACCEPTED_SCHEMES:
+        raise ValueError(
+            f"model uri {uri!r} is not understood; accepted schemes: {', '.join(ACCEPTED_SCHEMES)}"
+        )
+    if revision is not None and scheme != "hf":
+        logger.warning(
+            "revision ignored uri=%s revision=%s reason=only-hf-uris-have-revisions", uri, revision
+        )
+
+    if scheme == "file":
+        folder = Path(rest)
+        if not folder.is_absolute() or not folder.is_dir():
+            raise ModelUnavailable(
+                uri,
+                "ModelNotFound",
+                f"model uri {uri!r}: {rest!r} is not an existing absolute folder; "
+                "expected file:///abs/path to a save_pretrained folder",
+            )
+        return folder
+    if scheme == "hf":
+        return hf_snapshot_folder(uri, rest, revision)
+    if scheme == "builtin":
+        return builtin_cache_folder(uri, rest)
+    raise ValueError(
+        f"model uri {uri!r}: pvc:// volumes are mounted into trainer pods by the operator and "
+        "cannot be read from here; load the mounted folder with file:///mount/path instead"
+    )
 
 
 def hf_snapshot_folder(uri: str, repo_id: str, revision: str | None) -> Path:

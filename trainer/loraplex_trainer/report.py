@@ -21,6 +21,8 @@ class RunTotals:
     """Totals over every shared step of one run (one process lifetime)."""
 
     rollout_engine: str = "torch"
+    model_name: str | None = None
+    model_uri: str | None = None
     steps: int = 0
     seconds: float = 0.0
     rollout_tokens: int = 0
@@ -76,6 +78,7 @@ def write_summary(out: Path, experiments: list[Experiment], totals: RunTotals) -
     """Write DIR/summary.json atomically and return it."""
     t = totals.timings
     summary = {
+        "model": {"name": totals.model_name, "uri": totals.model_uri},
         "experiments": {e.name: experiment_summary(e) for e in experiments},
         "totals": {
             "experiments": len(experiments),

@@ -222,7 +222,7 @@ def train(args: argparse.Namespace) -> int:
         experiments.append(exp)
         trainer.add(exp, base_dir=base_dir)
 
-    totals = RunTotals(rollout_engine=kind)
+    totals = RunTotals(rollout_engine=kind, model_name=pool.spec.model.name, model_uri=pool.spec.model.uri)
     title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri}, {kind} rollouts)"
     try:
         _train_until_done(trainer, experiments, totals, stop, out, console, title, live=not args.no_live)

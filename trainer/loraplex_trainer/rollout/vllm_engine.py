@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 BASE_ROWS = "zero_for_base_rows"
 """The all-zero adapter base rows run with (see the module docstring); an underscore, so no
 experiment (a Kubernetes name) can be called the same."""
+CPU_KV_CACHE_GIB = 1
+"""The KV cache on CPU unless VLLM_CPU_KVCACHE_SPACE says otherwise: ~20k tokens of SmolLM2-135M."""
 RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The max_lora_rank values vLLM accepts."""
 
@@ -110,6 +113,10 @@ class VLLMRolloutEngine:
             args["max_model_len"] = limits.max_model_len
         if str(base.model.device).startswith("cuda"):
             args["gpu_memory_utilization"] = limits.gpu_memory_utilization
+        else:
+            # vLLM's CPU build reserves gpu_memory_utilization of the host's RAM (0.92 by default)
+            # unless told a KV-cache size: the trainer beside it needs that memory.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
         args.update(engine_args)
         self._llm = vllm.LLM(**args)
         self._llm.collective_rpc("loraplex_report_logprobs_before_top_p")
