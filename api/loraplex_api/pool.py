@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -190,6 +190,32 @@ class StorageSpec(CamelModel):
     sub_path: str = Field(default="", max_length=URI_MAX, pattern=r"^[^.][^\s]*$|^$")
 
 
+class ServingSpec(CamelModel):
+    """An OpenAI-compatible vLLM server answering with each experiment's promoted adapter."""
+
+    enabled: bool = False
+    replicas: int = Field(default=1, ge=0, le=64)
+    image: str | None = Field(
+        default=None, max_length=URI_MAX, description="Default: the trainer image, which has vLLM."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=32)
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=32, json_schema_extra={"items": _OBJECT}
+    )
+    max_loras: int = Field(
+        default=8, ge=1, le=256, description="Adapters vLLM batches at once (--max-loras)."
+    )
+    max_lora_rank: int | None = Field(
+        default=None, ge=1, le=1024, alias="maxLoRARank", description="Default: capacity.maxLoRARank."
+    )
+    port: int = Field(default=8000, ge=1024, le=65535)
+    args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="More `vllm serve` arguments."
+    )
+
+
 class SharedBasePoolSpec(CamelModel):
     """Desired state of a pool."""
 
@@ -199,6 +225,7 @@ class SharedBasePoolSpec(CamelModel):
     capacity: CapacitySpec = Field(default_factory=CapacitySpec)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
     suspend: bool = False
 
 
@@ -252,6 +279,15 @@ class ReplicaStatus(StatusModel):
     adapters: int = 0
 
 
+class ServingStatus(StatusModel):
+    """The pool's serving Deployment as the operator sees it."""
+
+    replicas: int = 0
+    ready_replicas: int = 0
+    endpoint: str | None = Field(default=None, max_length=URI_MAX)
+    """The OpenAI base URL inside the cluster."""
+
+
 class SharedBasePoolStatus(StatusModel):
     """Observed state of a pool (the operator writes all but ``model``)."""
 
@@ -265,6 +301,7 @@ class SharedBasePoolStatus(StatusModel):
     capacity: PoolCapacityStatus = Field(default_factory=PoolCapacityStatus)
     model: ModelFactsStatus | None = None
     replica_status: list[ReplicaStatus] = Field(default_factory=list, max_length=256)
+    serving: ServingStatus | None = None
 
 
 class SharedBasePool(CamelModel):

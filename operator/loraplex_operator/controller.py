@@ -20,6 +20,7 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
+from loraplex_api import SharedBasePool
 from loraplex_api.wire import API_VERSION, EXPERIMENT_KIND, EXPERIMENT_PLURAL, POOL_KIND, POOL_PLURAL
 
 from .events import Event
@@ -27,7 +28,7 @@ from .kube import ApiError, object_path, path_of
 from .observed import ExperimentView, PoolView, observe_experiment, observe_pod, observe_pool, snapshot
 from .planner import ExperimentPlan, PoolMemory, PoolPlan, plan_orphan, plan_pool
 from .poolstatus import Provisioning
-from .render import RenderError, render_children, render_promoted_configmap
+from .render import RenderError, render_children, render_promoted_configmap, render_serving, serving_endpoint
 from .runtime import PoolKey, Runtime
 from .validation import describe
 
@@ -60,6 +61,8 @@ class PoolController:
         )
         self._applied: dict[str, str] = {}
         self._applied_at = 0.0
+        self.serving_status: dict[str, Any] | None = None
+        """The serving Deployment as last read: status.serving (None when serving is off)."""
 
     @property
     def key(self) -> PoolKey:
@@ -183,9 +186,36 @@ class PoolController:
         if not fresh:
             self._applied_at = time.monotonic()
         sts, headless, metrics = (c["metadata"]["name"] for c in children)
+        try:
+            await self._provision_serving(view.pool, force=not fresh)
+        except TRANSIENT as error:
+            self._applied.clear()
+            return Provisioning(False, "ProvisioningFailed", f"serving: {str(error)[:990]}")
         return Provisioning(
             True, "StatefulSetCreated", f"StatefulSet {sts}, Services {headless} and {metrics} applied"
         )
+
+    async def _provision_serving(self, pool: SharedBasePool, *, force: bool) -> None:
+        """Apply the serving Deployment and Service when serving is enabled, delete them when not."""
+        config = self.runtime.config
+        manifests = render_serving(pool, default_service_account=config.default_trainer_service_account)
+        if pool.spec.serving.enabled:
+            for manifest in manifests:
+                await self._apply(manifest, force=force)
+            deployment = await self.runtime.api.get(path_of(manifests[0]))
+            status = (deployment or {}).get("status") or {}
+            self.serving_status = {
+                "replicas": int(status.get("replicas") or 0),
+                "readyReplicas": int(status.get("readyReplicas") or 0),
+                "endpoint": serving_endpoint(pool),
+            }
+            return
+        self.serving_status = None
+        for manifest in manifests:
+            path = path_of(manifest)
+            if force or path in self._applied:
+                await self.runtime.api.request("DELETE", path)  # None when it is not there
+                self._applied.pop(path, None)
 
     async def _apply(self, manifest: Mapping[str, Any], *, force: bool = False) -> None:
         """Server-side apply a child unless the same manifest was applied before."""
@@ -211,10 +241,13 @@ class PoolController:
     async def _write_pool(self, view: PoolView, plan: PoolPlan) -> None:
         runtime = self.runtime
         api = runtime.api
-        if plan.status_patch:
+        status_patch = dict(plan.status_patch)
+        if view.raw_status.get("serving") != self.serving_status:
+            status_patch["serving"] = self.serving_status
+        if status_patch:
             path = object_path(API_VERSION, POOL_PLURAL, self.namespace, self.name, "status")
-            if await api.merge_patch(path, {"status": plan.status_patch}) is not None:
-                runtime.ledger.record(pool_key(*self.key), {"status": plan.status_patch})
+            if await api.merge_patch(path, {"status": status_patch}) is not None:
+                runtime.ledger.record(pool_key(*self.key), {"status": status_patch})
         if plan.scale is not None:
             # Through /scale, as an HPA would: only spec.replicas can change this way.
             path = object_path(API_VERSION, POOL_PLURAL, self.namespace, self.name, "scale")

@@ -20,13 +20,17 @@ from loraplex_api.wire import EXPERIMENT_PLURAL, GROUP, POOL_LABEL, POOL_PLURAL,
 
 from .controller import PoolController, experiment_key, reconcile_orphan
 from .observed import snapshot
+from .render import TRAINER_NAME
 from .runtime import PoolKey, Runtime
 
 logger = logging.getLogger(__name__)
 
 POOLS = (GROUP, VERSION, POOL_PLURAL)
 EXPERIMENTS = (GROUP, VERSION, EXPERIMENT_PLURAL)
-TRAINER_PODS = {POOL_LABEL: kopf.PRESENT}
+TRAINER_PODS: dict[str, Any] = {  # not serving pods
+    POOL_LABEL: kopf.PRESENT,
+    "app.kubernetes.io/name": TRAINER_NAME,
+}
 
 
 def runtime_of(memo: Any) -> Runtime:

@@ -53,6 +53,7 @@ def object_path(
 
 PLURALS = {
     "StatefulSet": "statefulsets",
+    "Deployment": "deployments",
     "Service": "services",
     "ConfigMap": "configmaps",
     POOL_KIND: POOL_PLURAL,

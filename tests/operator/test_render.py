@@ -8,6 +8,7 @@ import kubernetes_validate
 import pytest
 
 from loraplex_api import SharedBasePool
+from loraplex_api.pool import ServingSpec
 from loraplex_api.wire import HEALTH_PORT, METRICS_PORT
 from loraplex_operator.render import (
     RenderError,
@@ -15,8 +16,10 @@ from loraplex_operator.render import (
     render_headless_service,
     render_metrics_service,
     render_promoted_configmap,
+    render_serving,
     render_statefulset,
     selector_string,
+    serving_endpoint,
 )
 
 K8S_VERSION = "1.37.0"
@@ -256,3 +259,72 @@ def test_a_queue_name_puts_the_statefulset_and_its_pods_in_kueue() -> None:
     assert "kueue.x-k8s.io/queue-name" not in sts["spec"]["selector"]["matchLabels"]
     plain = render_statefulset(make_pool())
     assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+
+
+def serving_pool(**serving: Any) -> SharedBasePool:
+    pool = full_pool()
+    spec = pool.spec.model_copy(update={"serving": ServingSpec.model_validate({"enabled": True, **serving})})
+    return pool.model_copy(update={"spec": spec})
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        serving_pool(),
+        serving_pool(
+            replicas=2, image="registry.example/vllm:1", resources={"limits": {"nvidia.com/gpu": 1}},
+            nodeSelector={"gpu": "l4"}, maxLoras=16, maxLoRARank=32, port=8080, args=["--max-model-len", "4096"],
+        ),
+        make_pool(model={"name": "Qwen/Qwen3-0.6B", "uri": "hf://Qwen/Qwen3-0.6B"}, serving={"enabled": True}),
+    ],
+)  # fmt: skip
+def test_the_serving_deployment_and_service_are_valid_kubernetes_objects(pool: SharedBasePool) -> None:
+    for child in render_serving(pool):
+        kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+def test_serving_runs_loraplex_serving_on_the_pools_model_with_storage_read_only() -> None:
+    pool = serving_pool(maxLoras=16, port=8080, args=["--max-model-len", "4096"])
+    deployment, service = render_serving(pool)
+    for child in (deployment, service):
+        assert child["metadata"]["name"] == "smol-serving"
+        assert child["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    pod = deployment["spec"]["template"]["spec"]
+    serving = pod["containers"][0]
+    assert serving["image"] == "registry.example/trainer:1.2"  # the trainer image has vLLM
+    args = serving["args"]
+    assert args[:2] == ["loraplex", "serving"]
+    assert "--model-uri=file:///models/models/llama-3-8b" in args and "--model-name=llama" in args
+    assert "--configmap=smol-promoted-adapters" in args and "--namespace=$(POD_NAMESPACE)" in args
+    assert "--claim=shared-rwx=/var/lib/loraplex-claims/shared-rwx" in args
+    assert "--max-loras=16" in args and "--max-lora-rank=64" in args and "--port=8080" in args
+    assert args[-3:] == ["--", "--max-model-len", "4096"]
+    storage = next(m for m in serving["volumeMounts"] if m["name"] == "storage")
+    assert storage == {
+        "name": "storage",
+        "mountPath": "/var/lib/loraplex-claims/shared-rwx",
+        "readOnly": True,
+    }
+    claim = next(v for v in pod["volumes"] if v["name"] == "storage")["persistentVolumeClaim"]
+    assert claim == {"claimName": "shared-rwx", "readOnly": True}
+    assert all(m.get("readOnly") for m in serving["volumeMounts"] if m["name"] in ("storage", "model"))
+    assert serving["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert serving["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["serviceAccountName"] == "trainer-sa"  # it reads the promoted-adapters ConfigMap
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
+    ]
+
+
+def test_serving_pods_are_selected_by_neither_the_trainer_services_nor_the_statefulset() -> None:
+    pool = serving_pool()
+    deployment, service = render_serving(pool)
+    serving_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for child in render_children(pool):
+        selector = child["spec"].get("selector")
+        selector = selector.get("matchLabels", selector) if selector else {}
+        assert not all(serving_labels.get(k) == v for k, v in selector.items()), child["metadata"]["name"]
+    trainer_labels = render_children(pool)[0]["spec"]["template"]["metadata"]["labels"]
+    assert not all(trainer_labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    assert serving_endpoint(pool) == "http://smol-serving.team-a.svc:8000/v1"

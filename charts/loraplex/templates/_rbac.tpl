@@ -17,10 +17,11 @@ RBAC rules shared by the ClusterRole (watch.mode=cluster) and the per-namespace 
 - apiGroups: ["loraplex.dev"]
   resources: ["sharedbasepools/scale"]
   verbs: ["get", "patch", "update"]
-# What a pool renders: the trainer StatefulSet, its headless and metrics Services, the
+# What a pool renders: the trainer StatefulSet, its headless and metrics Services, the serving
+# Deployment and Service (spec.serving), the
 # promoted-adapters ConfigMap.
 - apiGroups: ["apps"]
-  resources: ["statefulsets"]
+  resources: ["statefulsets", "deployments"]
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps"]

@@ -71,11 +71,24 @@ end
 local ready = condition("Ready")
 if isTrue(ready) then
   local capacity = obj.status.capacity or {}
-  hs.status = "Healthy"
-  hs.message = string.format(
+  local message = string.format(
     "%d/%d replicas ready, %d/%d adapter slots used",
     count(obj.status.readyReplicas), count(obj.status.replicas),
     count(capacity.usedSlots), count(capacity.adapterSlots))
+  -- With serving on, the pool is healthy once its serving replicas answer too.
+  local serving = (obj.spec or {}).serving or {}
+  if serving.enabled then
+    local wanted = serving.replicas or 1
+    local served = count((obj.status.serving or {}).readyReplicas)
+    message = string.format("%s; serving %d/%d ready", message, served, wanted)
+    if served < wanted then
+      hs.status = "Progressing"
+      hs.message = message
+      return hs
+    end
+  end
+  hs.status = "Healthy"
+  hs.message = message
   return hs
 end
 
