@@ -198,7 +198,11 @@ class PoolController:
     async def _provision_serving(self, pool: SharedBasePool, *, force: bool) -> None:
         """Apply the serving Deployment and Service when serving is enabled, delete them when not."""
         config = self.runtime.config
-        manifests = render_serving(pool, default_service_account=config.default_trainer_service_account)
+        manifests = render_serving(
+            pool,
+            service_account=config.default_serving_service_account,
+            default_service_account=config.default_trainer_service_account,
+        )
         if pool.spec.serving.enabled:
             for manifest in manifests:
                 await self._apply(manifest, force=force)

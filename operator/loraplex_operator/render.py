@@ -378,13 +378,17 @@ def _serving_metadata(pool: SharedBasePool) -> dict[str, Any]:
 
 
 def render_serving(
-    pool: SharedBasePool, *, default_service_account: str | None = None
+    pool: SharedBasePool,
+    *,
+    service_account: str | None = None,
+    default_service_account: str | None = None,
 ) -> list[dict[str, Any]]:
     """The serving Deployment and its Service: `loraplex serving` (vLLM behind a proxy), storage read-only.
 
     The process reads the promoted-adapters ConfigMap through the API (seconds after a change; a
-    mounted ConfigMap would follow only at the kubelet's sync period), so it runs under the pool's
-    trainer service account, which may read ConfigMaps.
+    mounted ConfigMap would follow only at the kubelet's sync period). It runs as
+    ``service_account`` (the chart's serving identity, which may only read ConfigMaps); without
+    one, as the pool's trainers do.
     """
     check_renderable(pool)
     spec, serving = pool.spec, pool.spec.serving
@@ -451,9 +455,9 @@ def render_serving(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    service_account = spec.trainer.service_account_name or default_service_account
-    if service_account:
-        pod["serviceAccountName"] = service_account
+    identity = service_account or spec.trainer.service_account_name or default_service_account
+    if identity:
+        pod["serviceAccountName"] = identity
     if serving.node_selector:
         pod["nodeSelector"] = dict(serving.node_selector)
     if serving.tolerations:

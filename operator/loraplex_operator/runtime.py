@@ -35,6 +35,8 @@ class OperatorConfig:
     debounce_seconds: float = 0.05
     """After a wake-up, how long a pass waits to take in a burst of events at once."""
     default_trainer_service_account: str | None = None
+    default_serving_service_account: str | None = None
+    """What serving pods run as (the chart's read-only identity); unset: the trainers' own."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
@@ -62,6 +64,7 @@ class OperatorConfig:
             reapply_seconds=seconds("LORAPLEX_REAPPLY_SECONDS", defaults.reapply_seconds),
             debounce_seconds=seconds("LORAPLEX_DEBOUNCE_SECONDS", defaults.debounce_seconds),
             default_trainer_service_account=env.get("LORAPLEX_TRAINER_SERVICE_ACCOUNT") or None,
+            default_serving_service_account=env.get("LORAPLEX_SERVING_SERVICE_ACCOUNT") or None,
         )
 
     @property

@@ -261,6 +261,22 @@ def test_trainer_identity_exists_where_pools_run(helm: Path, scenario: str) -> N
         assert not allows(role["rules"], "loraplex.dev", "loraexperiments", "patch")
 
 
+@pytest.mark.parametrize("scenario", ["default", "namespaced"])
+def test_the_serving_identity_may_only_read_configmaps(helm: Path, scenario: str) -> None:
+    docs = render(helm, *SCENARIOS[scenario])
+    env = {e["name"]: e.get("value") for e in operator_container(docs)["env"]}
+    assert env["LORAPLEX_SERVING_SERVICE_ACCOUNT"] == "loraplex-serving"
+    for ns in [NAMESPACE] if scenario == "default" else ["team-a", "team-b"]:
+        find(docs, "ServiceAccount", "loraplex-serving", ns)
+        binding = find(docs, "RoleBinding", f"{FULLNAME}-serving", ns)
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "loraplex-serving", "namespace": ns}
+        ]
+        ref = binding["roleRef"]
+        role = find(docs, ref["kind"], ref["name"], None if ref["kind"] == "ClusterRole" else ns)
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]
+
+
 def test_users_get_loraplex_rights_through_the_builtin_roles(helm: Path) -> None:
     docs = render(helm)
     edit = find(docs, "ClusterRole", f"{FULLNAME}-edit")

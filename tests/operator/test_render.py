@@ -311,7 +311,9 @@ def test_serving_runs_loraplex_serving_on_the_pools_model_with_storage_read_only
     assert serving["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert serving["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["serviceAccountName"] == "trainer-sa"  # it reads the promoted-adapters ConfigMap
+    assert pod["serviceAccountName"] == "trainer-sa"  # without a serving identity: the trainers'
+    served_as = render_serving(pool, service_account="loraplex-serving")[0]["spec"]["template"]["spec"]
+    assert served_as["serviceAccountName"] == "loraplex-serving"
     assert service["spec"]["ports"] == [
         {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
     ]

@@ -62,3 +62,10 @@ RBAC rules shared by the ClusterRole (watch.mode=cluster) and the per-namespace 
   resources: ["configmaps"]
   verbs: ["get"]
 {{- end }}
+
+{{- define "loraplex.servingRules" -}}
+# It follows the pool's promoted-adapters ConfigMap (read every few seconds); nothing else.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
+{{- end }}
