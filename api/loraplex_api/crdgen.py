@@ -212,6 +212,7 @@ def pool_crd() -> dict[str, Any]:
             _col("Slots", ".status.capacity.adapterSlots", "integer"),
             _col("Used", ".status.capacity.usedSlots", "integer"),
             _col("Pending", ".status.capacity.pendingExperiments", "integer"),
+            _col("Serving", ".status.serving.readyReplicas", "integer", priority=1),
             _col("Status", f"{READY}.reason"),
             AGE,
         ],

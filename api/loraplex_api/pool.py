@@ -279,6 +279,14 @@ class ReplicaStatus(StatusModel):
     adapters: int = 0
 
 
+class ServedAdapter(StatusModel):
+    """One experiment's adapter as a serving replica answers with it."""
+
+    experiment: str = Field(max_length=NAME_MAX)
+    revision: str = Field(max_length=SHORT_STRING_MAX)
+    since: Timestamp | None = None
+
+
 class ServingStatus(StatusModel):
     """The pool's serving Deployment as the operator sees it."""
 
@@ -286,6 +294,8 @@ class ServingStatus(StatusModel):
     ready_replicas: int = 0
     endpoint: str | None = Field(default=None, max_length=URI_MAX)
     """The OpenAI base URL inside the cluster."""
+    adapters: list[ServedAdapter] = Field(default_factory=list, max_length=256)
+    """What a ready serving replica answers with, read from its /loraplex/served."""
 
 
 class SharedBasePoolStatus(StatusModel):

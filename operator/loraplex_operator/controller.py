@@ -28,7 +28,14 @@ from .kube import ApiError, object_path, path_of
 from .observed import ExperimentView, PoolView, observe_experiment, observe_pod, observe_pool, snapshot
 from .planner import ExperimentPlan, PoolMemory, PoolPlan, plan_orphan, plan_pool
 from .poolstatus import Provisioning
-from .render import RenderError, render_children, render_promoted_configmap, render_serving, serving_endpoint
+from .render import (
+    RenderError,
+    render_children,
+    render_promoted_configmap,
+    render_serving,
+    serving_endpoint,
+    serving_name,
+)
 from .runtime import PoolKey, Runtime
 from .validation import describe
 
@@ -208,11 +215,16 @@ class PoolController:
                 await self._apply(manifest, force=force)
             deployment = await self.runtime.api.get(path_of(manifests[0]))
             status = (deployment or {}).get("status") or {}
+            ready = int(status.get("readyReplicas") or 0)
+            previous = self.serving_status or {}
             self.serving_status = {
                 "replicas": int(status.get("replicas") or 0),
-                "readyReplicas": int(status.get("readyReplicas") or 0),
+                "readyReplicas": ready,
                 "endpoint": serving_endpoint(pool),
+                "adapters": (await self._served_adapters(pool)) if ready else [],
             }
+            if self.serving_status["adapters"] is None:  # unreachable this pass: keep what was seen
+                self.serving_status["adapters"] = previous.get("adapters", [])
             return
         self.serving_status = None
         for manifest in manifests:
@@ -220,6 +232,34 @@ class PoolController:
             if force or path in self._applied:
                 await self.runtime.api.request("DELETE", path)  # None when it is not there
                 self._applied.pop(path, None)
+
+    async def _served_adapters(self, pool: SharedBasePool) -> list[dict[str, Any]] | None:
+        """What a ready serving replica answers with (its /loraplex/served); None when it cannot be read."""
+        base = self.runtime.config.serving_url_template.format(
+            name=serving_name(pool.metadata.name), namespace=self.namespace, port=pool.spec.serving.port
+        )
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session,
+                session.get(f"{base}/loraplex/served") as response,
+            ):
+                served = (await response.json())["served"]
+            return [
+                {"experiment": str(name), "revision": str(entry["revision"]), "since": str(entry["since"])}
+                for name, entry in sorted(served.items())[:256]
+            ]
+        except (
+            aiohttp.ClientError,
+            asyncio.TimeoutError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as error:
+            logger.info(
+                "serving status unreadable namespace=%s pool=%s error=%r", self.namespace, self.name, error
+            )
+            return None
 
     async def _apply(self, manifest: Mapping[str, Any], *, force: bool = False) -> None:
         """Server-side apply a child unless the same manifest was applied before."""

@@ -37,6 +37,9 @@ class OperatorConfig:
     default_trainer_service_account: str | None = None
     default_serving_service_account: str | None = None
     """What serving pods run as (the chart's read-only identity); unset: the trainers' own."""
+    serving_url_template: str = "http://{name}.{namespace}.svc:{port}"
+    """Where the operator reads a serving Service's /loraplex/served (another for an operator
+    outside the cluster, e.g. through a port-forward)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OperatorConfig:
@@ -65,6 +68,7 @@ class OperatorConfig:
             debounce_seconds=seconds("LORAPLEX_DEBOUNCE_SECONDS", defaults.debounce_seconds),
             default_trainer_service_account=env.get("LORAPLEX_TRAINER_SERVICE_ACCOUNT") or None,
             default_serving_service_account=env.get("LORAPLEX_SERVING_SERVICE_ACCOUNT") or None,
+            serving_url_template=env.get("LORAPLEX_SERVING_URL_TEMPLATE") or defaults.serving_url_template,
         )
 
     @property

@@ -93,9 +93,12 @@ def test_subresources_short_names_and_columns() -> None:
         "Slots",
         "Used",
         "Pending",
+        "Serving",
         "Status",
         "Age",
     ]
+    serving = next(c for c in version["additionalPrinterColumns"] if c["name"] == "Serving")
+    assert serving["jsonPath"] == ".status.serving.readyReplicas" and serving["priority"] == 1  # -o wide
     columns = exp["spec"]["versions"][0]["additionalPrinterColumns"]
     assert [c["name"] for c in columns if not c.get("priority")] == [
         "Pool",

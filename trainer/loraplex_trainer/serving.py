@@ -42,6 +42,8 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 log = logging.getLogger(__name__)
 
 FORWARDED = ("/v1/completions", "/v1/chat/completions")
+SESSION = web.AppKey("session", ClientSession)
+"""The app's client session to vLLM."""
 MAX_BODY_BYTES = 8 * 2**20
 VLLM_START_SECONDS = 600.0
 
@@ -294,10 +296,10 @@ def build_app(router: Router, session_factory: Callable[[], ClientSession]) -> w
     app = web.Application(client_max_size=MAX_BODY_BYTES)
 
     async def on_startup(app: web.Application) -> None:
-        app["session"] = session_factory()
+        app[SESSION] = session_factory()
 
     async def on_cleanup(app: web.Application) -> None:
-        await app["session"].close()
+        await app[SESSION].close()
 
     async def forward(request: web.Request) -> web.StreamResponse:
         try:
@@ -317,7 +319,7 @@ def build_app(router: Router, session_factory: Callable[[], ClientSession]) -> w
                 "nor an experiment with a promoted adapter on this pool."
             )
             return _error(404, message, "NotFoundError")
-        upstream_session: ClientSession = request.app["session"]
+        upstream_session: ClientSession = request.app[SESSION]
         async with upstream_session.post(
             f"{router.vllm_url}{request.path}", json={**body, "model": target}
         ) as upstream:
@@ -348,7 +350,7 @@ def build_app(router: Router, session_factory: Callable[[], ClientSession]) -> w
 
     async def health(request: web.Request) -> web.Response:
         try:
-            async with request.app["session"].get(f"{router.vllm_url}/health") as upstream:
+            async with request.app[SESSION].get(f"{router.vllm_url}/health") as upstream:
                 ok = upstream.status == 200
         except (OSError, ClientError):
             ok = False

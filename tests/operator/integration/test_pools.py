@@ -204,31 +204,3 @@ def test_deleting_a_pool_releases_its_experiments_and_its_series(
     assert (api.get("StatefulSet", "smol") or {})["metadata"]["ownerReferences"][0][
         "kind"
     ] == "SharedBasePool"
-
-
-def test_serving_gets_a_deployment_and_service_whose_readiness_shows_in_pool_status(
-    cluster: Cluster, operator: Operator
-) -> None:
-    api = cluster.api
-    api.create(pool("smol", serving={"enabled": True, "replicas": 2}))
-    deployment = wait_for(lambda: api.get("Deployment", "smol-serving"), what="serving Deployment")
-    assert deployment["spec"]["replicas"] == 2
-    assert deployment["metadata"]["ownerReferences"][0]["name"] == "smol"
-    assert deployment["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["loraplex", "serving"]
-    wait_for(lambda: api.get("Service", "smol-serving"), what="serving Service")
-
-    def serving() -> dict | None:
-        return ((api.get("SharedBasePool", "smol") or {}).get("status") or {}).get("serving")
-
-    first = wait_for(serving, what="status.serving")
-    assert first == {"replicas": 0, "readyReplicas": 0, "endpoint": "http://smol-serving.default.svc:8000/v1"}
-    # The Deployment controller (not here) reports its pods; the operator follows.
-    api.patch_status("Deployment", "smol-serving", {"replicas": 2, "readyReplicas": 1})
-    api.patch("SharedBasePool", "smol", {"metadata": {"annotations": {"touch": "1"}}})  # a reconcile
-    wait_for(lambda: (serving() or {}).get("readyReplicas") == 1, what="readyReplicas 1")
-
-    api.patch("SharedBasePool", "smol", {"spec": {"serving": {"enabled": False}}})
-    wait_for(lambda: api.get("Deployment", "smol-serving") is None, what="Deployment deleted")
-    wait_for(lambda: api.get("Service", "smol-serving") is None, what="Service deleted")
-    wait_for(lambda: serving() is None, what="status.serving cleared")
-    assert api.get("StatefulSet", "smol") is not None  # training is untouched
