@@ -319,19 +319,24 @@ def build_app(router: Router, session_factory: Callable[[], ClientSession]) -> w
                 "nor an experiment with a promoted adapter on this pool."
             )
             return _error(404, message, "NotFoundError")
-        upstream_session: ClientSession = request.app[SESSION]
-        async with upstream_session.post(
-            f"{router.vllm_url}{request.path}", json={**body, "model": target}
-        ) as upstream:
-            response = web.StreamResponse(
-                status=upstream.status,
-                headers={"Content-Type": upstream.headers.get("Content-Type", "application/json")},
-            )
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
+        # vLLM's own --api-key, if one is passed in serving.args, checks the caller's header.
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        response = web.StreamResponse()
+        try:
+            async with request.app[SESSION].post(
+                f"{router.vllm_url}{request.path}", json={**body, "model": target}, headers=headers
+            ) as upstream:
+                response.set_status(upstream.status)
+                response.content_type = upstream.content_type
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+        except ClientError as exc:
+            if not response.prepared:
+                return _error(503, f"vLLM did not answer: {exc}", "ServiceUnavailableError")
+            raise  # mid-stream: the client sees the connection end
+        await response.write_eof()
+        return response
 
     async def models(request: web.Request) -> web.Response:
         now = int(time.time())
