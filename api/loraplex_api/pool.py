@@ -171,6 +171,13 @@ class TrainerSpec(CamelModel):
     )
     vllm: VLLMSpec = Field(default_factory=VLLMSpec)
     reward_limits: RewardLimitsSpec = Field(default_factory=RewardLimitsSpec)
+    report_to: list[Literal["tensorboard", "mlflow", "none"]] = Field(
+        default_factory=list,
+        max_length=3,
+        description="Per-experiment scalars to TensorBoard (event files under the pool's storage, "
+        "tracking/<namespace>/tensorboard) and/or MLflow ($MLFLOW_TRACKING_URI from trainer.env, "
+        "else a file store under tracking/<namespace>/mlruns).",
+    )
     queue_name: str | None = Field(
         default=None,
         max_length=63,

@@ -62,6 +62,12 @@ def _agent(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from loraplex_trainer.compare import report_command
+
+    return report_command(args)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from loraplex_trainer.serving import run_local
 
@@ -92,6 +98,12 @@ def _serving_arguments(parser: argparse.ArgumentParser, *, host: str) -> None:
     parser.set_defaults(vllm_args=[])  # what follows `--` on the command line: more `vllm serve` arguments
 
 
+_PLOTS_HELP = (
+    "rewards: RUN_DIR/rewards.png, every experiment on one chart (default); all: also "
+    "RUN_DIR/metrics.png, reward, KL, completion length and grad norm per experiment"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="loraplex", description=(__doc__ or "").split("\n\n")[0])
@@ -119,7 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch CPU threads (default: one per core; use 1 on a machine busy with other work)",
     )
+    train.add_argument(
+        "--report-to",
+        nargs="+",
+        default=["none"],
+        choices=["tensorboard", "mlflow", "none"],
+        help="also log per-experiment scalars to TensorBoard (RUN_DIR/tensorboard) and/or MLflow "
+        "($MLFLOW_TRACKING_URI, else RUN_DIR/mlruns)",
+    )
+    train.add_argument("--plots", default="rewards", choices=["rewards", "all", "none"], help=_PLOTS_HELP)
     train.set_defaults(func=_train)
+
+    report = sub.add_parser("report", help="compare a run's experiments: charts and a table, from its files")
+    report.add_argument("run_dir", help="a `loraplex train --output` folder (finished or running)")
+    report.add_argument("--plots", default="rewards", choices=["rewards", "all", "none"], help=_PLOTS_HELP)
+    report.set_defaults(func=_report)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
     op.add_argument(

@@ -64,6 +64,7 @@ from .status_patches import (
     pool_model_patch,
     training_status,
 )
+from .tracking import Trackers, TrackingError, build_trackers
 
 log = logging.getLogger(__name__)
 MODEL_RETRY_MAX_SECONDS = 600.0
@@ -157,6 +158,7 @@ class Agent:
         self.writer = StatusWriter(cluster, heartbeat_seconds=config.heartbeat_seconds)
         self.hosted: dict[str, Hosted] = {}
         self.trainer: Trainer | None = None
+        self.trackers = Trackers([])
         self.pool: SharedBasePool | None = None
         self.health: HealthServer | None = None
         self.metrics_port: int | None = None
@@ -184,6 +186,7 @@ class Agent:
             self.trainer = self._load_base_model_when_available(pool)
             if self.trainer is None:
                 return 0
+            self.trackers = self._trackers(pool)
             self.ready.set()
             self._loop()
             self._interrupt()
@@ -197,6 +200,7 @@ class Agent:
             self._close_adapters()
             if self.trainer is not None:
                 self.trainer.engine.close()
+            self.trackers.close()
             for stop in servers:
                 stop()
             log.info("event=agent_stopped replica=%s", self.config.replica)
@@ -403,8 +407,19 @@ class Agent:
 
     # ----------------------------------------------------------------- train
 
+    def _trackers(self, pool: SharedBasePool) -> Trackers:
+        """spec.trainer.reportTo's trackers, writing under the storage; none (logged) if they cannot run here."""
+        folder = self.config.storage / "tracking" / self.config.namespace
+        try:
+            return build_trackers(pool.spec.trainer.report_to or ["none"], folder, self.config.pool)
+        except TrackingError as exc:
+            log.error("event=tracking_unavailable pool=%s error=%s", self.config.pool, exc)
+            return Trackers([])
+
     def _step(self, trainer: Trainer) -> None:
         report = trainer.step()
+        for name, row in report.metrics.items():
+            self.trackers.log(name, int(row["step"]), row)
         self.metrics.observe_step(report)
         self.metrics.adapters.set(len(trainer.active))
         adapters = sum(

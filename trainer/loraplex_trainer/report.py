@@ -69,6 +69,7 @@ def experiment_summary(exp: Experiment) -> dict[str, Any]:
         f"first_reward_mean{SMOOTH}": _mean(rewards[:SMOOTH]),
         f"last_reward_mean{SMOOTH}": _mean(rewards[-SMOOTH:]),
         "eval_reward": exp.eval_reward,
+        "promotion_metric": exp.spec.promotion.metric,
         "first_eval_reward": next((m["eval_reward"] for m in exp.history if "eval_reward" in m), None),
         "wall_seconds": round(exp.wall_seconds, 3),
     }

@@ -27,6 +27,7 @@ from loraplex_api import (
     reward_memory_problems,
 )
 
+from .compare import best, report_run
 from .cpus import cpu_budget
 from .experiment import Experiment, State
 from .loop import Trainer
@@ -35,6 +36,7 @@ from .report import RunTotals, plot_rewards, write_summary
 from .rewards.sandbox import SandboxConfig, harden_trainer
 from .rollout.choice import EngineUnavailable, choose_engine, engine_limits
 from .shutdown import GracefulStop
+from .tracking import Trackers, TrackingError, build_trackers
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,7 @@ def train(args: argparse.Namespace) -> int:
         pool, specs = select(args.files)
         sandbox = reward_sandbox(pool)
         out = check_output(Path(args.output))
+        trackers = build_trackers(getattr(args, "report_to", None) or ["none"], out, pool.metadata.name)
         # From here on a signal checkpoints and exits 0; before, there is nothing to save.
         stop = GracefulStop().install()
         import torch
@@ -200,7 +203,7 @@ def train(args: argparse.Namespace) -> int:
         for problem in exc.problems:  # one unwrapped line each, greppable
             print(problem, file=sys.stderr)
         return 1
-    except SetupError as exc:
+    except (SetupError, TrackingError) as exc:
         print(exc, file=sys.stderr)
         return 1
 
@@ -225,7 +228,9 @@ def train(args: argparse.Namespace) -> int:
     totals = RunTotals(rollout_engine=kind, model_name=pool.spec.model.name, model_uri=pool.spec.model.uri)
     title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri}, {kind} rollouts)"
     try:
-        _train_until_done(trainer, experiments, totals, stop, out, console, title, live=not args.no_live)
+        _train_until_done(
+            trainer, experiments, totals, stop, out, console, title, live=not args.no_live, trackers=trackers
+        )
     except OSError as exc:  # the disk filled up, the folder went read-only: every experiment stops
         path = exc.filename or out
         print(
@@ -239,9 +244,15 @@ def train(args: argparse.Namespace) -> int:
             if exp.state is State.RUNNING:  # an error is on its way out: free the workers
                 trainer.remove(exp.name)
         trainer.engine.close()
+        trackers.close()
     console.print(progress_table(experiments, totals, title))
+    records, drawn = report_run(out, plots=getattr(args, "plots", "rewards"))
+    top = best(records)
+    if top is not None:
+        console.print(f"best by {top.metric}: {top.name} ({top.metric_value():.3f})")
     console.print(
         f"outputs: {out}/<experiment>/{{adapter,checkpoints,metrics.jsonl,reward.png}}, {out}/summary.json"
+        + (f", {out}/rewards.png (all experiments)" if drawn else "")
     )
     return 1 if any(e.state is State.FAILED for e in experiments) else 0
 
@@ -256,6 +267,7 @@ def _train_until_done(
     title: str,
     *,
     live: bool,
+    trackers: Trackers,
 ) -> None:
     """Step until every experiment is done or a signal asks to stop; then checkpoint and summarize."""
     display = Live(progress_table(experiments, totals, title), console=console, refresh_per_second=2)
@@ -263,6 +275,8 @@ def _train_until_done(
         while trainer.active and not stop.is_set():
             report = trainer.step()
             totals.add(report)
+            for name, row in report.metrics.items():
+                trackers.log(name, int(row["step"]), row)
             if live:
                 display.update(progress_table(experiments, totals, title))
             else:

@@ -460,3 +460,19 @@ def test_a_rollout_engine_that_is_not_installed_is_a_pool_problem_not_a_crash(
     assert problem["reason"] == "RolloutEngineUnavailable"
     assert "pip install vllm" in problem["message"]
     assert running.thread.is_alive() and not running.agent.ready.is_set()
+
+
+def test_the_pools_report_to_writes_tensorboard_runs_under_the_storage(
+    cluster: Cluster, storage: Path, start_agent: Callable[..., RunningAgent]
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cluster.api.patch("SharedBasePool", "tiny", {"spec": {"trainer": {"reportTo": ["tensorboard"]}}})
+    placed_run(cluster, max_steps=2, checkpoint={"everySteps": 2})
+    start_agent()
+    until(lambda: training(cluster, "x"), lambda t: t.get("state") == "Completed", timeout=90)
+    runs = storage / "tracking" / NAMESPACE / "tensorboard"
+    until(lambda: sorted(p.name for p in runs.iterdir()) if runs.is_dir() else [], lambda n: n == ["x"])
+    events = EventAccumulator(str(runs / "x"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/mean")] == [1, 2]

@@ -1,0 +1,175 @@
+"""Experiment tracking: per-experiment scalars to TensorBoard and MLflow (``--report-to``, TRL's words).
+
+Every experiment is its own run, named after the experiment, so TensorBoard's run selector and
+MLflow's run table compare them side by side. Each step logs the scalars of ``SCALARS`` that the
+step's metrics row has (eval reward only on eval steps), at the experiment's own step number.
+
+- ``tensorboard``: event files under ``<dir>/<experiment>/`` (``torch.utils.tensorboard``;
+  needs the ``tensorboard`` package, extra ``loraplex[tensorboard]``).
+- ``mlflow``: one MLflow run per experiment in the MLflow experiment named after the pool, on
+  ``MLFLOW_TRACKING_URI`` (a tracking server, or ``sqlite:///...``; default ``<dir>/mlruns``,
+  a local file store, which MLflow 3 keeps in maintenance mode); needs ``mlflow``
+  or ``mlflow-skinny`` (extra ``loraplex[mlflow]``). MLflow's client is used without its
+  process-global active run, so runs of many experiments never mix.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+REPORT_TO = ("tensorboard", "mlflow", "none")
+SCALARS = {
+    # metrics.jsonl key -> the scalar's name in the trackers
+    "reward_mean": "reward/mean",
+    "reward_std": "reward/std",
+    "eval_reward": "reward/eval",
+    "loss": "train/loss",
+    "kl": "train/kl",
+    "completion_length": "train/completion_length",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_second": "perf/tokens_per_second",
+    "seconds": "perf/step_seconds",
+}
+
+
+class TrackingError(Exception):
+    """A tracker that cannot be used here, said in one line (which extra to install)."""
+
+
+class Tracker(Protocol):
+    def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def scalars(row: Mapping[str, Any]) -> dict[str, float]:
+    """The tracked scalars of one metrics.jsonl row (tokens/s derived from tokens and seconds)."""
+    values = dict(row)
+    if row.get("tokens") is not None and row.get("seconds"):
+        values["tokens_per_second"] = float(row["tokens"]) / float(row["seconds"])
+    return {
+        name: float(values[key]) for key, name in SCALARS.items() if isinstance(values.get(key), int | float)
+    }
+
+
+class TensorBoardTracker:
+    """One event-file folder per experiment under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # torch's writer needs the tensorboard package
+            raise TrackingError(
+                "--report-to tensorboard: the tensorboard package is not installed; "
+                "pip install 'loraplex[tensorboard]'"
+            ) from exc
+        self._writer_class = SummaryWriter
+        self.root = root
+        self._writers: dict[str, Any] = {}
+
+    def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None:
+        writer = self._writers.get(experiment)
+        if writer is None:
+            writer = self._writers[experiment] = self._writer_class(log_dir=str(self.root / experiment))
+        for name, value in scalars(row).items():
+            writer.add_scalar(name, value, global_step=step)
+        writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+class MLflowTracker:
+    """One MLflow run per experiment, in the MLflow experiment named after the pool."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+        try:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise TrackingError(
+                "--report-to mlflow: the mlflow package is not installed; pip install 'loraplex[mlflow]'"
+            ) from exc
+        self._metric = Metric
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment_name)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment_name)
+        self._runs: dict[str, str] = {}
+
+    def run_id(self, experiment: str) -> str:
+        """The run of ``experiment``: the one a previous (resumed) run created, else a new one."""
+        if experiment not in self._runs:
+            existing = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`loraplex.experiment` = '{experiment}'",
+                max_results=1,
+            )
+            if existing:
+                self._runs[experiment] = existing[0].info.run_id
+            else:
+                run = self.client.create_run(
+                    self.experiment_id, run_name=experiment, tags={"loraplex.experiment": experiment}
+                )
+                self._runs[experiment] = run.info.run_id
+        return self._runs[experiment]
+
+    def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None:
+        now = int(time.time() * 1000)
+        metrics = [self._metric(name, value, now, step) for name, value in scalars(row).items()]
+        if metrics:
+            self.client.log_batch(self.run_id(experiment), metrics=metrics)
+
+    def close(self) -> None:
+        for run_id in self._runs.values():
+            self.client.set_terminated(run_id)
+        self._runs.clear()
+
+
+class Trackers:
+    """Every tracker asked for, fed together; one failing tracker never stops training."""
+
+    def __init__(self, trackers: Sequence[Tracker]) -> None:
+        self.trackers = list(trackers)
+
+    def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None:
+        for tracker in self.trackers:
+            try:
+                tracker.log(experiment, step, row)
+            except Exception as exc:  # a tracking server away must not fail training
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "event=tracking_failed tracker=%s experiment=%s error=%r",
+                    type(tracker).__name__,
+                    experiment,
+                    exc,
+                )
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def build_trackers(names: Sequence[str], folder: Path, run_name: str) -> Trackers:
+    """The trackers of ``--report-to`` (or ``spec.trainer.reportTo``), writing under ``folder``."""
+    chosen = [n for n in dict.fromkeys(names) if n != "none"]
+    for name in chosen:
+        if name not in REPORT_TO:
+            raise TrackingError(f"--report-to {name}: not one of {', '.join(REPORT_TO)}")
+    trackers: list[Tracker] = []
+    if "tensorboard" in chosen:
+        trackers.append(TensorBoardTracker(folder / "tensorboard"))
+    if "mlflow" in chosen:
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            # A local file store needs no database; MLflow 3 keeps it (in maintenance mode) on request.
+            uri = (folder / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        trackers.append(MLflowTracker(uri, run_name))
+    return Trackers(trackers)
