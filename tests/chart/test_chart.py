@@ -136,6 +136,7 @@ SCENARIOS: dict[str, list[str]] = {
         "--api-versions",
         "monitoring.coreos.com/v1",
     ],
+    "grafana-dashboard": ["--set", "metrics.grafanaDashboard.enabled=true"],
 }
 
 
@@ -298,9 +299,48 @@ def test_service_monitor_follows_the_capability(helm: Path) -> None:
     service = find(docs, "Service", f"{FULLNAME}-metrics", NAMESPACE)
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True  # the pools' own namespace label
+    # The trainers: the metrics Service each pool renders, in the namespaces that run pools.
+    trainers = find(docs, "ServiceMonitor", f"{FULLNAME}-trainers", NAMESPACE)
+    from loraplex_api import SharedBasePool
+    from loraplex_operator.render import render_metrics_service
+
+    pool = SharedBasePool.model_validate(
+        {
+            "metadata": {"name": "p", "namespace": "team-a", "uid": "u"},
+            "spec": {"model": {"name": "m", "uri": "hf://a/b"}},
+        }
+    )
+    labels = render_metrics_service(pool)["metadata"]["labels"]
+    assert trainers["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert trainers["spec"]["endpoints"][0]["port"] == "metrics"
     # Without prometheus-operator's API the chart still installs, just without the ServiceMonitor.
     without_api = render(helm, "--set", "metrics.serviceMonitor.enabled=true")
     assert "ServiceMonitor" not in kinds(without_api)
+
+
+def test_grafana_dashboard_is_opt_in_and_found_by_the_sidecar(helm: Path) -> None:
+    assert not [d for d in render(helm) if d["metadata"]["name"] == f"{FULLNAME}-dashboard"]
+    docs = render(helm, *SCENARIOS["grafana-dashboard"])
+    config_map = find(docs, "ConfigMap", f"{FULLNAME}-dashboard", NAMESPACE)
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (key,) = config_map["data"]
+    assert key.endswith(".json")
+    # The file itself, untouched by Helm's templating: legends such as {{pool}} survive.
+    dashboard = json.loads(config_map["data"][key])
+    assert dashboard == json.loads((CHART / "dashboards" / "loraplex.json").read_text())
+    assert dashboard["uid"] == "loraplex"
+
+    elsewhere = render(
+        helm,
+        *SCENARIOS["grafana-dashboard"],
+        "--set",
+        "metrics.grafanaDashboard.namespace=monitoring",
+        "--set",
+        "metrics.grafanaDashboard.annotations.grafana_folder=loraplex",
+    )
+    config_map = find(elsewhere, "ConfigMap", f"{FULLNAME}-dashboard", "monitoring")
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "loraplex"}
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ def test_tensorboard_has_one_run_per_experiment_with_its_scalars_at_its_steps(ru
             [r["reward_mean"] for r in rows]
         )
         assert [e.step for e in events.Scalars("reward/eval")] == [3]  # eval only at the end here
+        assert "hyperparameters/text_summary" in events.Tags()["tensors"]  # the sweep's knobs, as text
 
 
 def test_mlflow_has_one_run_per_experiment_with_metrics_per_step(run: Path) -> None:
@@ -91,6 +92,10 @@ def test_mlflow_has_one_run_per_experiment_with_metrics_per_step(run: Path) -> N
         history = client.get_metric_history(found.info.run_id, "reward/mean")
         assert sorted(m.step for m in history) == [1, 2, 3]
         assert found.info.status == "FINISHED"
+        rank = {"short": "2", "digits": "4"}[found.info.run_name]
+        assert (
+            found.data.params["lora.rank"] == rank and found.data.params["optimizer.learningRate"] == "0.01"
+        )
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(

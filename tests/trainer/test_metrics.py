@@ -20,9 +20,11 @@ def test_a_step_counts_steps_rewards_tokens_and_time() -> None:
     assert value(registry, "loraplex_trainer_steps_total", experiment="a") == 0
     assert value(registry, "loraplex_trainer_tokens_total", phase="train") == 0
 
+    assert value(registry, "loraplex_trainer_phase_seconds_total", phase="sync") == 0  # there from the start
     report = StepReport(
-        ["a", "b"], Timings(), rollout_tokens=120, train_tokens=300, seconds=1.5,
-        metrics={"a": {"step": 1, "reward_mean": 0.25, "logprob_diff_mean": 0.01, "logprob_diff_max": 0.2}},
+        ["a", "b"], Timings(rollout=1.0, sync=0.25), rollout_tokens=120, train_tokens=300, seconds=1.5,
+        metrics={"a": {"step": 1, "reward_mean": 0.25, "logprob_diff_mean": 0.01, "logprob_diff_max": 0.2,
+                       "eval_reward": 0.75}},
         # b failed in this step: no step, no reward
     )  # fmt: skip
     metrics.observe_step(report)
@@ -33,6 +35,9 @@ def test_a_step_counts_steps_rewards_tokens_and_time() -> None:
     assert value(registry, "loraplex_trainer_steps_total", experiment="b") == 0
     assert value(registry, "loraplex_trainer_reward", experiment="a") == 0.25
     assert value(registry, "loraplex_trainer_reward", experiment="b") is None
+    assert value(registry, "loraplex_trainer_eval_reward", experiment="a") == 0.75
+    assert value(registry, "loraplex_trainer_phase_seconds_total", phase="rollout") == 1.0
+    assert value(registry, "loraplex_trainer_phase_seconds_total", phase="sync") == 0.25
     assert value(registry, "loraplex_trainer_logprob_diff", experiment="a", stat="mean") == 0.01
     assert value(registry, "loraplex_trainer_logprob_diff", experiment="a", stat="max") == 0.2
     assert value(registry, "loraplex_trainer_tokens_total", phase="rollout") == 120
@@ -48,7 +53,7 @@ def test_forget_removes_every_series_of_an_experiment() -> None:
     metrics = TrainerMetrics(registry)
     metrics.track("a")
     metrics.track("b")
-    both = {"a": {"reward_mean": 1.0}, "b": {"reward_mean": 0.5}}
+    both = {"a": {"reward_mean": 1.0, "eval_reward": 1.0}, "b": {"reward_mean": 0.5}}
     metrics.observe_step(StepReport(["a", "b"], Timings(), 1, 1, 0.1, metrics=both))
     metrics.forget("a")
     metrics.forget("never-added")  # harmless

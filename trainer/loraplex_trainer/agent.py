@@ -64,7 +64,7 @@ from .status_patches import (
     pool_model_patch,
     training_status,
 )
-from .tracking import Trackers, TrackingError, build_trackers
+from .tracking import Trackers, TrackingError, build_trackers, hyperparameters
 
 log = logging.getLogger(__name__)
 MODEL_RETRY_MAX_SECONDS = 600.0
@@ -379,6 +379,7 @@ class Agent:
         self._report(hosted, force=True)  # Loading, while data and reward are read
         try:
             self.trainer.add(exp, base_dir=self.config.storage, config_maps=texts)
+            self.trackers.log_params(exp.name, hyperparameters(exp.spec))
         except Exception as exc:  # e.g. a checkpoint that does not fit a changed lora.rank
             log.exception("event=experiment_add_failed experiment=%s", name)
             self._forget_adapter(self.trainer, exp)

@@ -12,14 +12,16 @@ import os
 import resource
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, fields
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .loop import StepReport
+from .loop import StepReport, Timings
 
 STEP_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TOKEN_PHASES = ("rollout", "train")
+STEP_PHASES = tuple(f.name for f in fields(Timings))
 
 
 class TrainerMetrics:
@@ -50,6 +52,19 @@ class TrainerMetrics:
             buckets=STEP_SECONDS_BUCKETS,
             registry=registry,
         )
+        self.eval_reward = Gauge(
+            "loraplex_trainer_eval_reward",
+            "Mean reward of the experiment's last greedy evaluation on its eval rows.",
+            ["experiment"],
+            registry=registry,
+        )
+        self.phase_seconds = Counter(
+            "loraplex_trainer_phase_seconds",
+            "Seconds the shared steps spent in each phase (rollout, reward, forward_backward, "
+            "optimizer, sync, evaluation, checkpoint); rate() is the share of wall time.",
+            ["phase"],
+            registry=registry,
+        )
         self.logprob_diff = Gauge(
             "loraplex_trainer_logprob_diff",
             "Gap between the rollout engine's and the trainer's log-probs of the last step's tokens "
@@ -68,6 +83,8 @@ class TrainerMetrics:
         )
         for phase in TOKEN_PHASES:  # both series exist from the start, so rate() works at once
             self.tokens.labels(phase=phase)
+        for phase in STEP_PHASES:
+            self.phase_seconds.labels(phase=phase)
 
     def track(self, experiment: str) -> None:
         """Start the series of an added experiment (its step counter at 0)."""
@@ -78,16 +95,20 @@ class TrainerMetrics:
         self.step_seconds.observe(report.seconds)
         self.tokens.labels(phase="rollout").inc(report.rollout_tokens)
         self.tokens.labels(phase="train").inc(report.train_tokens)
+        for phase, seconds in asdict(report.timings).items():
+            self.phase_seconds.labels(phase=phase).inc(max(0.0, float(seconds)))
         for experiment, metrics in report.metrics.items():
             self.steps.labels(experiment=experiment).inc()
             self.reward.labels(experiment=experiment).set(float(metrics["reward_mean"]))
+            if "eval_reward" in metrics:
+                self.eval_reward.labels(experiment=experiment).set(float(metrics["eval_reward"]))
             for stat in ("mean", "max"):
                 value = float(metrics.get(f"logprob_diff_{stat}", 0.0))
                 self.logprob_diff.labels(experiment=experiment, stat=stat).set(value)
 
     def forget(self, experiment: str) -> None:
         """Remove every series of an experiment whose adapter left this replica."""
-        for metric in (self.steps, self.reward):
+        for metric in (self.steps, self.reward, self.eval_reward):
             # The reward series exists only after a first step; removing a missing one is fine.
             with contextlib.suppress(KeyError):
                 metric.remove(experiment)

@@ -36,7 +36,7 @@ from .report import RunTotals, plot_rewards, write_summary
 from .rewards.sandbox import SandboxConfig, harden_trainer
 from .rollout.choice import EngineUnavailable, choose_engine, engine_limits
 from .shutdown import GracefulStop
-from .tracking import Trackers, TrackingError, build_trackers
+from .tracking import Trackers, TrackingError, build_trackers, hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ def train(args: argparse.Namespace) -> int:
         exp = Experiment(name=resource.metadata.name, spec=spec, out_dir=out / resource.metadata.name)
         experiments.append(exp)
         trainer.add(exp, base_dir=base_dir)
+        trackers.log_params(exp.name, hyperparameters(spec))
 
     totals = RunTotals(rollout_engine=kind, model_name=pool.spec.model.name, model_uri=pool.spec.model.uri)
     title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri}, {kind} rollouts)"

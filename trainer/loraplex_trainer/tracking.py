@@ -15,6 +15,7 @@ step's metrics row has (eval reward only on eval steps), at the experiment's own
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -41,9 +42,28 @@ class TrackingError(Exception):
 
 
 class Tracker(Protocol):
+    def log_params(self, experiment: str, params: Mapping[str, str]) -> None: ...
+
     def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None: ...
 
     def close(self) -> None: ...
+
+
+def hyperparameters(spec: Any) -> dict[str, str]:
+    """What tells one experiment of a sweep from another: LoRA shape, optimizer, GRPO settings, reward."""
+    algorithm, optimizer, lora = spec.algorithm, spec.optimizer, spec.lora
+    reward = spec.reward
+    kind = next((k for k in ("builtin", "python", "http", "terms") if getattr(reward, k, None)), "?")
+    values = {
+        "lora.rank": lora.rank, "lora.alpha": lora.alpha, "lora.dropout": lora.dropout,
+        "lora.targetModules": lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules),
+        "optimizer.learningRate": optimizer.learning_rate, "optimizer.weightDecay": optimizer.weight_decay,
+        "algorithm.groupSize": algorithm.group_size, "algorithm.promptsPerStep": algorithm.prompts_per_step,
+        "algorithm.maxSteps": algorithm.max_steps, "algorithm.temperature": algorithm.temperature,
+        "algorithm.klCoef": algorithm.kl_coef, "algorithm.lossAggregation": algorithm.loss_aggregation,
+        "algorithm.seed": algorithm.seed, "reward": kind,
+    }  # fmt: skip
+    return {key: str(value) for key, value in values.items()}
 
 
 def scalars(row: Mapping[str, Any]) -> dict[str, float]:
@@ -71,10 +91,19 @@ class TensorBoardTracker:
         self.root = root
         self._writers: dict[str, Any] = {}
 
+    def _writer(self, experiment: str) -> Any:
+        if experiment not in self._writers:
+            self._writers[experiment] = self._writer_class(log_dir=str(self.root / experiment))
+        return self._writers[experiment]
+
+    def log_params(self, experiment: str, params: Mapping[str, str]) -> None:
+        table = "| parameter | value |\n| --- | --- |\n" + "".join(
+            f"| {k} | {v} |\n" for k, v in params.items()
+        )
+        self._writer(experiment).add_text("hyperparameters", table, global_step=0)
+
     def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None:
-        writer = self._writers.get(experiment)
-        if writer is None:
-            writer = self._writers[experiment] = self._writer_class(log_dir=str(self.root / experiment))
+        writer = self._writer(experiment)
         for name, value in scalars(row).items():
             writer.add_scalar(name, value, global_step=step)
         writer.flush()
@@ -96,7 +125,9 @@ class MLflowTracker:
             raise TrackingError(
                 "--report-to mlflow: the mlflow package is not installed; pip install 'loraplex[mlflow]'"
             ) from exc
-        self._metric = Metric
+        from mlflow.entities import Param
+
+        self._metric, self._param = Metric, Param
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment_name)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment_name)
@@ -119,6 +150,13 @@ class MLflowTracker:
                 self._runs[experiment] = run.info.run_id
         return self._runs[experiment]
 
+    def log_params(self, experiment: str, params: Mapping[str, str]) -> None:
+        run_id = self.run_id(experiment)
+        logged = self.client.get_run(run_id).data.params
+        new = [self._param(k, v) for k, v in params.items() if k not in logged]  # a resumed run has them
+        if new:
+            self.client.log_batch(run_id, params=new)
+
     def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None:
         now = int(time.time() * 1000)
         metrics = [self._metric(name, value, now, step) for name, value in scalars(row).items()]
@@ -137,23 +175,30 @@ class Trackers:
     def __init__(self, trackers: Sequence[Tracker]) -> None:
         self.trackers = list(trackers)
 
+    def log_params(self, experiment: str, params: Mapping[str, str]) -> None:
+        for tracker in self.trackers:
+            self._guard(tracker, experiment, tracker.log_params, experiment, params)
+
     def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None:
         for tracker in self.trackers:
-            try:
-                tracker.log(experiment, step, row)
-            except Exception as exc:  # a tracking server away must not fail training
-                import logging
+            self._guard(tracker, experiment, tracker.log, experiment, step, row)
 
-                logging.getLogger(__name__).warning(
-                    "event=tracking_failed tracker=%s experiment=%s error=%r",
-                    type(tracker).__name__,
-                    experiment,
-                    exc,
-                )
+    @staticmethod
+    def _guard(tracker: Tracker, experiment: str, call: Any, *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception as exc:  # a tracking server away must not fail training
+            logging.getLogger(__name__).warning(
+                "event=tracking_failed tracker=%s experiment=%s error=%r",
+                type(tracker).__name__,
+                experiment,
+                exc,
+            )
 
     def close(self) -> None:
         for tracker in self.trackers:
             tracker.close()
+        self.trackers.clear()
 
 
 def build_trackers(names: Sequence[str], folder: Path, run_name: str) -> Trackers:
