@@ -197,6 +197,14 @@ class StorageSpec(CamelModel):
     sub_path: str = Field(default="", max_length=URI_MAX, pattern=r"^[^.][^\s]*$|^$")
 
 
+SERVING_RESERVED_ARGS = (
+    "--host", "--port", "--served-model-name", "--enable-lora", "--max-loras", "--max-lora-rank",
+    "--max-cpu-loras", "--api-server-count", "--model", "--tokenizer", "--lora-modules", "--dtype",
+)  # fmt: skip
+"""What loraplex sets for `vllm serve` itself: vLLM must listen on localhost only (its LoRA
+endpoints have no authentication), and the proxy must know the names it serves."""
+
+
 class ServingSpec(CamelModel):
     """An OpenAI-compatible vLLM server answering with each experiment's promoted adapter."""
 
@@ -219,12 +227,37 @@ class ServingSpec(CamelModel):
     )
     port: int = Field(default=8000, ge=1024, le=65535)
     args: list[Annotated[str, Field(max_length=1024)]] = Field(
-        default_factory=list, max_length=64, description="More `vllm serve` arguments."
+        default_factory=list,
+        max_length=64,
+        description="More `vllm serve` arguments (not the ones loraplex sets: "
+        + ", ".join(SERVING_RESERVED_ARGS)
+        + ").",
     )
+
+    @model_validator(mode="after")
+    def _own_args(self) -> ServingSpec:
+        for index, arg in enumerate(self.args):
+            if arg.split("=", 1)[0] in SERVING_RESERVED_ARGS:
+                raise ValueError(
+                    f"args[{index}]: {arg.split('=', 1)[0]} is set by loraplex and cannot be overridden"
+                )
+        return self
 
 
 class SharedBasePoolSpec(CamelModel):
     """Desired state of a pool."""
+
+    model_config = CamelModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.serving) || !has(self.serving.enabled) || !self.serving.enabled "
+                    "|| (has(self.storage) && has(self.storage.claimName))",
+                    "message": "serving.enabled needs storage.claimName: serving pods read the checkpoints there",
+                }
+            ]
+        }
+    }
 
     model: ModelSpec
     replicas: int = Field(default=1, ge=0, le=256)
@@ -234,6 +267,14 @@ class SharedBasePoolSpec(CamelModel):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     suspend: bool = False
+
+    @model_validator(mode="after")
+    def _serving_storage(self) -> SharedBasePoolSpec:
+        if self.serving.enabled and not self.storage.claim_name:
+            raise ValueError(
+                "serving.enabled needs storage.claimName: serving pods read the checkpoints there"
+            )
+        return self
 
 
 class PoolCapacityStatus(StatusModel):

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--namespace", default=None, help="namespace of the promoted-adapters ConfigMap")
     serving.add_argument("--configmap", default=None, help="the pool's promoted-adapters ConfigMap")
     serving.add_argument("--promoted-dir", default=None, help="or: that ConfigMap mounted as a folder")
+    serving.add_argument(
+        "--allow-file-uris", action="store_true", help="also serve file:// checkpoints (outside a cluster)"
+    )
     serving.add_argument("--claim", action="append", default=[], help="NAME=/mount: where a claim is mounted")
     serving.add_argument("--max-loras", type=int, default=8, help="adapters batched at once (default: 8)")
     _serving_arguments(serving, host="0.0.0.0")

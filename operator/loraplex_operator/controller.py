@@ -19,8 +19,10 @@ from typing import Any, cast
 
 import aiohttp
 import kopf
+from pydantic import ValidationError
 
 from loraplex_api import SharedBasePool
+from loraplex_api.pool import ServedAdapter
 from loraplex_api.wire import API_VERSION, EXPERIMENT_KIND, EXPERIMENT_PLURAL, POOL_KIND, POOL_PLURAL
 
 from .events import Event
@@ -244,10 +246,22 @@ class PoolController:
                 session.get(f"{base}/loraplex/served") as response,
             ):
                 served = (await response.json())["served"]
-            return [
-                {"experiment": str(name), "revision": str(entry["revision"]), "since": str(entry["since"])}
-                for name, entry in sorted(served.items())[:256]
-            ]
+            adapters = []
+            for name, entry in sorted(served.items())[:256]:
+                try:  # what the API server would refuse must not block the pool's whole status
+                    adapter = ServedAdapter.model_validate(
+                        {"experiment": name, "revision": entry["revision"], "since": entry.get("since")}
+                    )
+                except (ValidationError, KeyError, TypeError):
+                    logger.warning(
+                        "served adapter skipped namespace=%s pool=%s entry=%.200r",
+                        self.namespace,
+                        self.name,
+                        name,
+                    )
+                    continue
+                adapters.append(adapter.wire())
+            return adapters
         except (
             aiohttp.ClientError,
             asyncio.TimeoutError,

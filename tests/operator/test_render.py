@@ -275,7 +275,11 @@ def serving_pool(**serving: Any) -> SharedBasePool:
             replicas=2, image="registry.example/vllm:1", resources={"limits": {"nvidia.com/gpu": 1}},
             nodeSelector={"gpu": "l4"}, maxLoras=16, maxLoRARank=32, port=8080, args=["--max-model-len", "4096"],
         ),
-        make_pool(model={"name": "Qwen/Qwen3-0.6B", "uri": "hf://Qwen/Qwen3-0.6B"}, serving={"enabled": True}),
+        make_pool(
+            model={"name": "Qwen/Qwen3-0.6B", "uri": "hf://Qwen/Qwen3-0.6B"},
+            serving={"enabled": True},
+            storage={"claimName": "shared"},
+        ),
     ],
 )  # fmt: skip
 def test_the_serving_deployment_and_service_are_valid_kubernetes_objects(pool: SharedBasePool) -> None:

@@ -14,6 +14,8 @@ import matplotlib.image
 import pytest
 
 from loraplex_cli.main import main
+from loraplex_trainer.compare import ExperimentRecord, best, read_run
+from loraplex_trainer.tracking import Trackers, build_trackers
 from tests.trainer.test_standalone import manifests
 
 EXPERIMENTS = ("short", "digits")
@@ -65,9 +67,9 @@ def test_loraplex_report_redraws_and_names_the_best_from_the_files_alone(
 def test_tensorboard_has_one_run_per_experiment_with_its_scalars_at_its_steps(run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert sorted(p.name for p in (run / "tensorboard").iterdir()) == sorted(EXPERIMENTS)
+    assert sorted(p.name for p in (run / "tracking" / "tensorboard").iterdir()) == sorted(EXPERIMENTS)
     for name in EXPERIMENTS:
-        events = EventAccumulator(str(run / "tensorboard" / name))
+        events = EventAccumulator(str(run / "tracking" / "tensorboard" / name))
         events.Reload()
         tags = set(events.Tags()["scalars"])
         assert {"reward/mean", "reward/std", "train/loss", "train/kl", "train/completion_length",
@@ -84,7 +86,7 @@ def test_tensorboard_has_one_run_per_experiment_with_its_scalars_at_its_steps(ru
 def test_mlflow_has_one_run_per_experiment_with_metrics_per_step(run: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
+    client = MlflowClient(tracking_uri=(run / "tracking" / "mlruns").resolve().as_uri())
     experiment = client.get_experiment_by_name("tiny")  # the pool's name
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(EXPERIMENTS)
@@ -111,3 +113,100 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(
     assert err == (
         "--report-to tensorboard: the tensorboard package is not installed; pip install 'loraplex[tensorboard]'"
     )
+
+
+def _record(name: str, metric: str, value: float | None, rows: int = 3) -> ExperimentRecord:
+    summary = {"promotion_metric": metric, "eval_reward": value if metric == "eval_reward" else None}
+    body = [{"step": i + 1, "reward_mean": 0.1 * i} for i in range(rows)]
+    if metric not in ("eval_reward", "reward") and value is not None:
+        body[-1][metric] = value
+    return ExperimentRecord(name, body, summary)
+
+
+def test_the_best_is_ranked_within_one_metric_and_never_a_nan() -> None:
+    records = [
+        _record("a", "eval_reward", 0.9),
+        _record("b", "eval_reward", float("nan")),
+        _record("c", "eval_reward", -0.5),
+        _record("d", "accuracy", 5.0),  # another metric: not comparable with the others
+    ]
+    top = best(records)
+    assert top is not None and top.name == "a"
+    assert best([_record("n", "eval_reward", None)]) is None
+    assert best([_record("x", "eval_reward", -2.0), _record("y", "eval_reward", -1.0)]).name == "y"  # type: ignore[union-attr]
+
+
+def test_a_report_skips_rows_that_are_not_loraplex_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "metrics.jsonl").write_text(
+        '{"step": 1, "reward_mean": 0.5}\n[1, 2]\n{"step": 2}\n{"step": 3, "rew'
+    )
+    assert main(["report", str(tmp_path)]) == 0
+    assert [r["step"] for r in read_run(tmp_path)[0].rows] == [1]
+
+
+def test_a_resumed_run_continues_its_tracker_runs_without_doubling_steps(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trackers = build_trackers(["tensorboard", "mlflow"], tmp_path, "pool")
+    rows = [{"step": s, "reward_mean": s / 10, "tokens": 10, "seconds": 1.0} for s in range(1, 6)]
+    trackers.start("exp", "run-1/exp", 0, {"lora.rank": "4"})
+    for row in rows:  # steps 1-5, then the process dies; the checkpoint was at step 3
+        trackers.log("exp", row["step"], row)
+    trackers.close()
+    again = build_trackers(["tensorboard", "mlflow"], tmp_path, "pool")
+    again.start("exp", "run-1/exp", 3, {"lora.rank": "4"})
+    for row in [{"step": s, "reward_mean": s, "tokens": 10, "seconds": 1.0} for s in range(4, 7)]:
+        again.log("exp", row["step"], row)
+    again.finish("exp", "Completed")
+    again.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "exp"))
+    events.Reload()
+    scalars = events.Scalars("reward/mean")
+    assert [e.step for e in scalars] == [1, 2, 3, 4, 5, 6]  # the lost steps 4-5 purged, not doubled
+    assert [e.value for e in scalars] == pytest.approx([0.1, 0.2, 0.3, 4.0, 5.0, 6.0])
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    [found] = client.search_runs([client.get_experiment_by_name("pool").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(found.info.run_id, "reward/mean")) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    assert found.info.status == "FINISHED" and found.data.params == {"lora.rank": "4"}
+    # Another run folder is another MLflow run, even for the same experiment name.
+    other = build_trackers(["mlflow"], tmp_path, "pool")
+    other.start("exp", "run-2/exp", 0, {})
+    other.close()
+    assert len(client.search_runs([found.info.experiment_id])) == 2
+
+
+def test_a_tracker_that_fails_is_set_aside_and_training_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        calls = 0
+
+        def start(self, *args: object) -> None:
+            pass
+
+        def log(self, *args: object) -> None:
+            Broken.calls += 1
+            raise ConnectionError("tracking server away")
+
+        def finish(self, *args: object) -> None:
+            pass
+
+        def close(self) -> None:
+            raise ConnectionError("still away")
+
+    trackers = Trackers([Broken()])
+    for step in (1, 2, 3):
+        trackers.log("exp", step, {"reward_mean": 1.0})
+    trackers.close()
+    assert Broken.calls == 1  # one timeout, not one per step
+    assert "tracking_failed tracker=Broken" in caplog.text

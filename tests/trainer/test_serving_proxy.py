@@ -6,12 +6,21 @@ The answers with vLLM behind it are tested with a real `vllm serve` in tests/vll
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
 
-from loraplex_trainer.serving import Router, Served, build_app, free_port
+from loraplex_trainer.serving import (
+    ConfigMapFolderSource,
+    Router,
+    Served,
+    build_app,
+    free_port,
+    stage_adapter,
+)
 
 
 def _ask(router: Router, *requests: tuple[str, str, Any]) -> list[tuple[int, Any]]:
@@ -71,3 +80,66 @@ def test_models_and_served_list_the_base_and_the_routed_experiments_only() -> No
         "revision": "step-00000020", "uri": "pvc://c/step-00000020", "since": "1970-01-01T00:00:00Z"
     }  # fmt: skip
     assert ready[0] == 503  # not synced yet
+
+
+def test_a_checkpoint_is_copied_only_from_regular_files_that_match_its_manifest(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    source = tmp_path / "step-00000001"
+    source.mkdir()
+    files = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"weights"}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    manifest = {n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()}
+    (source / "manifest.json").write_text(json.dumps({"format": 1, "files": manifest}))
+    staged = stage_adapter(source, tmp_path, verify_manifest=True)
+    assert {p.name: p.read_bytes() for p in staged.iterdir()} == files and staged.parent == tmp_path
+
+    (source / "adapter_model.safetensors").write_bytes(b"altered")
+    with pytest.raises(ValueError, match="does not match the checkpoint's manifest"):
+        stage_adapter(source, tmp_path, verify_manifest=True)
+    (source / "adapter_model.safetensors").unlink()
+    (source / "adapter_model.safetensors").symlink_to("/etc/hostname")
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        stage_adapter(source, tmp_path, verify_manifest=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [source.name, staged.name]
+    )  # nothing left over
+
+
+def test_a_replaced_adapter_is_unloaded_only_after_its_last_request(tmp_path: Path) -> None:
+    for step in (1, 2):
+        folder = tmp_path / "ckpt" / f"step-0000000{step}"
+        folder.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (folder / name).write_text(f"{name} {step}")
+    promoted = tmp_path / "promoted"  # the ConfigMap, mounted
+    promoted.mkdir()
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    router = Router("base", "http://vllm", ConfigMapFolderSource(promoted), stage_root=copies)
+    calls: list[tuple[str, str]] = []
+
+    async def admin(session: object, action: str, body: dict[str, str]) -> None:
+        calls.append((action, body["lora_name"]))  # vLLM's side is tested against vLLM (tests/vllm)
+
+    router._admin = admin  # type: ignore[method-assign]
+
+    def promote(step: int) -> None:
+        (promoted / "exp-a").write_text(f"file://{tmp_path}/ckpt/step-0000000{step}")
+        asyncio.run(router.sync(None))  # type: ignore[arg-type]
+
+    promote(1)
+    first = router.acquire("exp-a")  # a long request starts on the first revision
+    promote(2)
+    second = router.acquire("exp-a")
+    assert first is not None and second is not None and first != second
+    assert ("unload_lora_adapter", first) not in calls  # still in flight
+    router.release(first)
+    asyncio.run(router.sync(None))  # type: ignore[arg-type]
+    assert ("unload_lora_adapter", first) in calls
+    router.release(second)
+    promote(1)  # a rollback loads under a name of its own again
+    assert router.routes["exp-a"].vllm_name not in (first, second)
+    assert len(list(copies.iterdir())) == 1  # the unloaded ones' copies are gone

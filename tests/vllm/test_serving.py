@@ -24,8 +24,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraplex_trainer.adapters import MultiLoRAModel
+from loraplex_trainer.checkpoint import CheckpointState, save_checkpoint
 from loraplex_trainer.model_host import load_base_model
 from loraplex_trainer.multilora import AdapterConfig
+from loraplex_trainer.optim import AdapterOptimizer, OptimizerConfig
 from loraplex_trainer.serving import free_port
 from tests.processes import checkout_env, loraplex
 
@@ -85,7 +87,7 @@ def _start(command: list[str], log: Path) -> Server:
 
 
 def _write_revisions(model_dir: Path, root: Path) -> dict[str, Path]:
-    """Checkpoint folders as the trainer writes them: alpha at two steps, beta at one."""
+    """Checkpoints as the trainer writes them (manifest and all): alpha at two steps, beta at one."""
     model = MultiLoRAModel(load_base_model(f"file://{model_dir}").model)
     folders = {}
     for name, config, steps in (
@@ -93,13 +95,16 @@ def _write_revisions(model_dir: Path, root: Path) -> dict[str, Path]:
         ("beta", AdapterConfig(rank=8, alpha=8.0, target_modules=("q_proj", "v_proj")), (1,)),
     ):
         model.add_adapter(name, config)
+        optimizer = AdapterOptimizer(model.adapter_parameters(name), OptimizerConfig(learning_rate=0.01))
         for step in steps:
             with torch.no_grad():
                 for b in model.adapter_parameters(name)[1::2]:
                     b.normal_(std=1.0, generator=torch.Generator().manual_seed(100 * step + len(name)))
-            folder = root / name / "checkpoints" / f"step-{step:08d}"
-            model.save_adapter(name, folder, base_model_name_or_path=f"file://{model_dir}")
-            folders[f"{name}@{step}"] = folder
+            folders[f"{name}@{step}"] = save_checkpoint(
+                root / name / "checkpoints", model=model, adapter=name, optimizer=optimizer,
+                state=CheckpointState(step=step, sampler={}, extra={}),
+                base_model_name_or_path=f"file://{model_dir}", keep_last=5,
+            )  # fmt: skip
     return folders
 
 
@@ -130,7 +135,7 @@ def promoting(vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     state.promote("beta", "beta@1")
     command = loraplex(
         "serving", "--model-uri", f"file://{vllm_model_dir}", "--model-name", "tiny",
-        "--promoted-dir", str(promoted), "--port", str(free_port()), "--interval", "0.5",
+        "--promoted-dir", str(promoted), "--allow-file-uris", "--port", str(free_port()), "--interval", "0.5",
         "--max-loras", "2", "--max-lora-rank", "8", "--dtype", "float32",
         "--", "--max-model-len", "256", "--enforce-eager",
     )  # fmt: skip

@@ -379,7 +379,7 @@ class Agent:
         self._report(hosted, force=True)  # Loading, while data and reward are read
         try:
             self.trainer.add(exp, base_dir=self.config.storage, config_maps=texts)
-            self.trackers.log_params(exp.name, hyperparameters(exp.spec))
+            self.trackers.start(exp.name, str(exp.out_dir), exp.step, hyperparameters(exp.spec))
         except Exception as exc:  # e.g. a checkpoint that does not fit a changed lora.rank
             log.exception("event=experiment_add_failed experiment=%s", name)
             self._forget_adapter(self.trainer, exp)
@@ -395,6 +395,8 @@ class Agent:
         self.writer.forget(name)
         if hosted.experiment is not None and self.trainer is not None:
             self._forget_adapter(self.trainer, hosted.experiment)
+        if hosted.experiment is not None:
+            self.trackers.finish(name, hosted.experiment.state.value)
         self.metrics.forget(name)
         if self.trainer is not None:
             self.metrics.adapters.set(len(self.trainer.active))
@@ -412,7 +414,8 @@ class Agent:
         """spec.trainer.reportTo's trackers, writing under the storage; none (logged) if they cannot run here."""
         folder = self.config.storage / "tracking" / self.config.namespace
         try:
-            return build_trackers(pool.spec.trainer.report_to or ["none"], folder, self.config.pool)
+            run_name = f"{self.config.namespace}/{self.config.pool}"  # pool names are unique per namespace
+            return build_trackers(pool.spec.trainer.report_to or ["none"], folder, run_name)
         except TrackingError as exc:
             log.error("event=tracking_unavailable pool=%s error=%s", self.config.pool, exc)
             return Trackers([])

@@ -2,20 +2,25 @@
 
 Everything here reads only the run folder (``summary.json`` and each ``<experiment>/metrics.jsonl``),
 so ``loraplex report RUN_DIR`` draws the same charts and table for a finished run, a running one
-(the files are rewritten after every step) or one copied off a cluster's storage.
+(a line is appended to metrics.jsonl after every step) or one copied off a cluster's storage.
 
 - ``rewards.png``: every experiment's reward (moving mean over ``SMOOTH`` steps) as a line and
   its eval rewards as dots of the same colour; the legend sorted by final eval reward, best
   first. ``rewards.json`` beside it says what was drawn (legend order, colours, points).
 - ``metrics.png`` (``--plots all``): one row per experiment, one column each for reward, KL,
   completion length and grad norm.
-- The best experiment is the one with the highest value of its promotion metric
-  (``spec.promotion.metric``, default ``eval_reward``), as Auto promotion ranks candidates.
+- The best experiment is the one with the highest value of the run's promotion metric
+  (``spec.promotion.metric``, default ``eval_reward``): its final eval reward, its mean reward
+  over the last ``SMOOTH`` steps for ``reward``, else its last value of that metric. Only
+  experiments judged by the same metric are ranked together (the one most of them use, ties
+  to ``eval_reward``). Auto promotion instead compares one experiment's checkpoints with each
+  other, by the value each checkpoint recorded.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +65,7 @@ class ExperimentRecord:
             value = sum(recent) / len(recent) if recent else None
         else:
             value = next((r[self.metric] for r in reversed(self.rows) if self.metric in r), None)
-        return float(value) if isinstance(value, int | float) else None
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
     def final_eval(self) -> float | None:
         value = next((r["eval_reward"] for r in reversed(self.rows) if "eval_reward" in r), None)
@@ -86,17 +91,24 @@ def read_run(run_dir: Path) -> list[ExperimentRecord]:
         if metrics.is_file():
             for line in metrics.read_text().splitlines():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except ValueError:  # a line being written right now
                     continue
+                # What a report needs of a row; anything else is not loraplex's (as on resume).
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and "reward_mean" in row:
+                    rows.append(row)
         records.append(ExperimentRecord(name, rows, (summary.get("experiments") or {}).get(name, {})))
     return records
 
 
 def best(records: list[ExperimentRecord]) -> ExperimentRecord | None:
-    """The experiment with the highest promotion metric (None when none has a value yet)."""
-    scored = [r for r in records if r.metric_value() is not None]
-    return max(scored, key=lambda r: r.metric_value() or 0.0) if scored else None
+    """The experiment with the highest value of the run's promotion metric (None when none has one yet)."""
+    metrics = [r.metric for r in records]
+    if not metrics:
+        return None
+    metric = max(set(metrics), key=lambda m: (metrics.count(m), m == "eval_reward", m))
+    scored = [(value, r) for r in records if r.metric == metric and (value := r.metric_value()) is not None]
+    return max(scored, key=lambda pair: pair[0])[1] if scored else None
 
 
 def _smooth(values: list[float]) -> list[float]:

@@ -24,28 +24,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+
+from .checkpoint import MANIFEST_FILE
+from .rollout.vllm_engine import max_lora_rank
 
 log = logging.getLogger(__name__)
 
 FORWARDED = ("/v1/completions", "/v1/chat/completions")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_ADAPTER_BYTES = 4 * 2**30
+ADMIN_TIMEOUT = ClientTimeout(total=120)
+"""A load of a large adapter takes seconds; one that hangs must not stall the sync for good."""
+HEALTH_TIMEOUT = ClientTimeout(total=4)
+"""Below the probes' timeoutSeconds (5)."""
 SESSION = web.AppKey("session", ClientSession)
 """The app's client session to vLLM."""
 MAX_BODY_BYTES = 8 * 2**20
-VLLM_START_SECONDS = 600.0
+VLLM_START_SECONDS = 1800.0
+"""As long as the pod's startupProbe waits: a large model downloads and loads first."""
 
 
 class ServingError(Exception):
@@ -114,24 +129,47 @@ class RunDirSource:
         return found
 
 
-def local_path(uri: str, claims: Mapping[str, Path]) -> Path:
+STEP_FOLDER = re.compile(r"step-\d{8}")
+
+
+def local_path(
+    uri: str,
+    claims: Mapping[str, Path],
+    *,
+    experiment: str | None = None,
+    namespace: str | None = None,
+    allow_files: bool = True,
+) -> Path:
     """The folder a checkpoint URI names here: ``pvc://claim/path`` under that claim's mount, or ``file://``.
 
-    A URI of a claim not mounted, or a path that leaves its mount, is refused.
+    Refused: a claim not mounted, a path that leaves its mount, ``file://`` where ``allow_files``
+    is off (a serving pod), a relative path; and, given ``experiment`` and ``namespace``, a pvc://
+    path that is not one of that experiment's checkpoints (``.../<namespace>/<experiment>/.../
+    checkpoints/step-NNNNNNNN``), so one experiment's entry cannot serve another's weights.
     """
     scheme, _, rest = uri.partition("://")
     if scheme == "file":
-        return Path(rest)
-    if scheme == "pvc":
-        claim, _, inside = rest.partition("/")
-        if claim not in claims:
-            raise ValueError(f"{uri}: claim {claim!r} is not mounted in this serving pod")
-        root = claims[claim].resolve()
-        path = (root / inside).resolve()
-        if not path.is_relative_to(root):
-            raise ValueError(f"{uri}: the path leaves the claim")
+        if not allow_files:
+            raise ValueError(f"{uri}: a serving pod serves pvc:// checkpoints only")
+        path = Path(rest)
+        if not path.is_absolute():
+            raise ValueError(f"{uri}: not an absolute path")
         return path
-    raise ValueError(f"{uri}: only pvc:// and file:// checkpoints can be served")
+    if scheme != "pvc":
+        raise ValueError(f"{uri}: only pvc:// and file:// checkpoints can be served")
+    claim, _, inside = rest.partition("/")
+    if claim not in claims:
+        raise ValueError(f"{uri}: claim {claim!r} is not mounted in this serving pod")
+    root = claims[claim].resolve()
+    path = (root / inside).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{uri}: the path leaves the claim")
+    if experiment is not None and namespace is not None:
+        parts = PurePosixPath(inside).parts
+        owned = any(parts[i : i + 2] == (namespace, experiment) for i in range(len(parts) - 1))
+        if not owned or len(parts) < 2 or parts[-2] != "checkpoints" or not STEP_FOLDER.fullmatch(parts[-1]):
+            raise ValueError(f"{uri}: not a checkpoint of experiment {namespace}/{experiment}")
+    return path
 
 
 def revision_of(uri: str) -> str:
@@ -167,8 +205,7 @@ class VLLMServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        ranks = (8, 16, 32, 64, 128, 256, 320, 512)
-        rank = next((r for r in ranks if r >= self.max_lora_rank), ranks[-1])
+        rank = max_lora_rank(self.max_lora_rank)  # vLLM accepts a few values; above 512 none
         return [
             sys.executable, "-m", "loraplex_trainer.vllm_launch", "serve", str(self.model_folder),
             "--host", "127.0.0.1", "--port", str(self.port),
@@ -208,20 +245,80 @@ class Served:
     uri: str
     vllm_name: str
     since: float  # epoch seconds
+    folder: Path | None = None
+    """The private copy vLLM loaded it from (deleted when it is unloaded)."""
+
+
+def stage_adapter(source: Path, root: Path, *, verify_manifest: bool) -> Path:
+    """Copy a checkpoint's adapter files into a private folder of ``root`` and return it.
+
+    vLLM re-reads an adapter's folder whenever it evicts and reloads it, and keys its prefix cache
+    by path; the copy stays the same until it is unloaded whatever happens to the storage
+    (pruning, a rewrite, a symlink swapped in). Only regular files are read (no symlinks), each
+    at most ``MAX_ADAPTER_BYTES``; with ``verify_manifest`` the copies must match the checkpoint's
+    manifest (sizes and SHA-256), so a half-written or altered checkpoint is refused.
+    """
+    manifest: dict[str, Any] = {}
+    if verify_manifest:
+        try:
+            manifest = json.loads(_read_regular(source / MANIFEST_FILE, 2**20))["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{source}: no readable {MANIFEST_FILE} ({exc.__class__.__name__})") from exc
+    folder = Path(tempfile.mkdtemp(prefix="adapter-", dir=root))
+    try:
+        for name in ADAPTER_FILES:
+            data = _read_regular(source / name, MAX_ADAPTER_BYTES)
+            if verify_manifest:
+                entry = manifest.get(name) or {}
+                if entry.get("size") != len(data) or entry.get("sha256") != hashlib.sha256(data).hexdigest():
+                    raise ValueError(f"{source / name}: does not match the checkpoint's manifest")
+            (folder / name).write_bytes(data)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, refusing symlinks, other kinds of file and files above ``limit``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path}: {info.st_size} bytes, above the {limit} allowed")
+        return f.read(limit + 1)
 
 
 @dataclass
 class Router:
-    """Experiment name -> the versioned adapter vLLM serves for it; switched only after a load succeeded."""
+    """Experiment name -> the adapter vLLM serves for it; switched only after a load succeeded.
+
+    Every load gets a vLLM name of its own (``<experiment>@<revision>.<n>``): vLLM compares
+    adapters by name, and two weights under one name in flight kill its engine. An adapter
+    replaced or withdrawn is retired: unloaded once no request still runs on it.
+    """
 
     base_name: str
     vllm_url: str
     source: PromotedSource
     claims: Mapping[str, Path] = field(default_factory=dict)
+    stage_root: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
+    namespace: str | None = None
+    """Set in a serving pod: pvc:// entries must name their own experiment's checkpoints."""
+    allow_files: bool = True
+    verify_manifest: bool = False
     routes: dict[str, Served] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
+    retiring: list[Served] = field(default_factory=list)
+    inflight: dict[str, int] = field(default_factory=dict)
     synced: bool = False
     clock: Callable[[], float] = time.time
+    _loads: int = 0
 
     async def sync(self, session: ClientSession) -> None:
         """Bring vLLM's adapters to the promoted map; a failing adapter keeps its old route and is reported."""
@@ -229,51 +326,83 @@ class Router:
             wanted = await asyncio.to_thread(self.source.read)
         except Exception as exc:  # the API is away: keep serving what is loaded
             log.warning("event=promoted_read_failed error=%r", exc)
+            await self._retire(session)
             return
         for name, uri in sorted(wanted.items()):
             current = self.routes.get(name)
             if current is not None and current.uri == uri:
                 continue
-            revision = revision_of(uri)
-            vllm_name = f"{name}@{revision}"
-            try:
-                path = local_path(uri, self.claims)
-                await self._admin(
-                    session, "load_lora_adapter", {"lora_name": vllm_name, "lora_path": str(path)}
-                )
-            except (ValueError, RuntimeError, ClientError) as exc:
-                self.problems[name] = str(exc)
-                log.warning("event=adapter_load_failed experiment=%s uri=%s error=%s", name, uri, exc)
-                continue
-            self.problems.pop(name, None)
-            self.routes[name] = Served(revision, uri, vllm_name, self.clock())
-            log.info("event=adapter_served experiment=%s revision=%s uri=%s", name, revision, uri)
-            if current is not None and current.vllm_name != vllm_name:
-                await self._unload(session, current.vllm_name)
+            await self._load(session, name, uri, current)
         for name in [n for n in self.routes if n not in wanted]:
             gone = self.routes.pop(name)
             log.info("event=adapter_unserved experiment=%s revision=%s", name, gone.revision)
-            await self._unload(session, gone.vllm_name)
+            self.retiring.append(gone)
+        for name in [n for n in self.problems if n not in wanted]:
+            del self.problems[name]
+        await self._retire(session)
         self.synced = True
 
-    async def _unload(self, session: ClientSession, vllm_name: str) -> None:
-        with contextlib.suppress(RuntimeError, ClientError):  # already gone: nothing to do
-            await self._admin(session, "unload_lora_adapter", {"lora_name": vllm_name})
+    async def _load(self, session: ClientSession, name: str, uri: str, current: Served | None) -> None:
+        revision = revision_of(uri)
+        self._loads += 1
+        vllm_name = f"{name}@{revision}.{self._loads}"
+        folder = None
+        try:
+            path = local_path(
+                uri, self.claims, experiment=name, namespace=self.namespace, allow_files=self.allow_files
+            )
+            folder = await asyncio.to_thread(
+                stage_adapter, path, self.stage_root, verify_manifest=self.verify_manifest
+            )
+            await self._admin(
+                session, "load_lora_adapter", {"lora_name": vllm_name, "lora_path": str(folder)}
+            )
+        except (ValueError, OSError, RuntimeError, ClientError, asyncio.TimeoutError) as exc:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            self.problems[name] = str(exc) or exc.__class__.__name__
+            log.warning("event=adapter_load_failed experiment=%s uri=%s error=%s", name, uri, exc)
+            return
+        self.problems.pop(name, None)
+        self.routes[name] = Served(revision, uri, vllm_name, self.clock(), folder)
+        log.info("event=adapter_served experiment=%s revision=%s uri=%s", name, revision, uri)
+        if current is not None:
+            self.retiring.append(current)
+
+    async def _retire(self, session: ClientSession) -> None:
+        """Unload the retired adapters no request runs on any more, and delete their copies."""
+        for served in list(self.retiring):
+            if self.inflight.get(served.vllm_name, 0):
+                continue
+            with contextlib.suppress(RuntimeError, ClientError, asyncio.TimeoutError):  # gone already
+                await self._admin(session, "unload_lora_adapter", {"lora_name": served.vllm_name})
+            if served.folder is not None:
+                shutil.rmtree(served.folder, ignore_errors=True)
+            self.retiring.remove(served)
 
     async def _admin(self, session: ClientSession, action: str, body: dict[str, str]) -> None:
-        async with session.post(f"{self.vllm_url}/v1/{action}", json=body) as response:
+        async with session.post(f"{self.vllm_url}/v1/{action}", json=body, timeout=ADMIN_TIMEOUT) as response:
             if response.status != 200:
                 text = await response.text()
                 with contextlib.suppress(ValueError, AttributeError):
                     text = json.loads(text).get("error", {}).get("message", text)
                 raise RuntimeError(f"vLLM {action} {body['lora_name']}: {response.status} {text[:300]}")
 
-    def target(self, model: str) -> str | None:
-        """The name vLLM knows ``model`` by, or None."""
+    def acquire(self, model: str) -> str | None:
+        """The name vLLM knows ``model`` by (None: not served), counted in flight until released."""
         if model == self.base_name:
             return model
         served = self.routes.get(model)
-        return served.vllm_name if served else None
+        if served is None:
+            return None
+        self.inflight[served.vllm_name] = self.inflight.get(served.vllm_name, 0) + 1
+        return served.vllm_name
+
+    def release(self, vllm_name: str) -> None:
+        if vllm_name in self.inflight:
+            self.inflight[vllm_name] -= 1
+            if not self.inflight[vllm_name]:
+                del self.inflight[vllm_name]
 
     def served(self) -> dict[str, Any]:
         return {
@@ -289,6 +418,28 @@ class Router:
 def _error(status: int, message: str, kind: str) -> web.Response:
     """An OpenAI-style error body."""
     return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+async def _pass_on(request: web.Request, vllm_url: str, body: dict[str, Any]) -> web.StreamResponse:
+    """Send the request on to vLLM and stream its answer back as it comes."""
+    # vLLM's own --api-key, if one is passed in serving.args, checks the caller's header.
+    headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+    response = web.StreamResponse()
+    try:
+        async with request.app[SESSION].post(
+            f"{vllm_url}{request.path}", json=body, headers=headers
+        ) as upstream:
+            response.set_status(upstream.status)
+            response.content_type = upstream.content_type
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+    except ClientError as exc:
+        if not response.prepared:
+            return _error(503, f"vLLM did not answer: {exc}", "ServiceUnavailableError")
+        raise  # mid-stream: the client sees the connection end
+    await response.write_eof()
+    return response
 
 
 def build_app(router: Router, session_factory: Callable[[], ClientSession]) -> web.Application:
@@ -309,7 +460,7 @@ def build_app(router: Router, session_factory: Callable[[], ClientSession]) -> w
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return _error(400, "the request names no model (a string)", "BadRequestError")
         model = body["model"]
-        target = router.target(model)
+        target = router.acquire(model)
         if target is None:
             why = router.problems.get(model)
             message = (
@@ -319,24 +470,10 @@ def build_app(router: Router, session_factory: Callable[[], ClientSession]) -> w
                 "nor an experiment with a promoted adapter on this pool."
             )
             return _error(404, message, "NotFoundError")
-        # vLLM's own --api-key, if one is passed in serving.args, checks the caller's header.
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
-        response = web.StreamResponse()
         try:
-            async with request.app[SESSION].post(
-                f"{router.vllm_url}{request.path}", json={**body, "model": target}, headers=headers
-            ) as upstream:
-                response.set_status(upstream.status)
-                response.content_type = upstream.content_type
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-        except ClientError as exc:
-            if not response.prepared:
-                return _error(503, f"vLLM did not answer: {exc}", "ServiceUnavailableError")
-            raise  # mid-stream: the client sees the connection end
-        await response.write_eof()
-        return response
+            return await _pass_on(request, router.vllm_url, {**body, "model": target})
+        finally:
+            router.release(target)
 
     async def models(request: web.Request) -> web.Response:
         now = int(time.time())
@@ -355,9 +492,11 @@ def build_app(router: Router, session_factory: Callable[[], ClientSession]) -> w
 
     async def health(request: web.Request) -> web.Response:
         try:
-            async with request.app[SESSION].get(f"{router.vllm_url}/health") as upstream:
+            async with request.app[SESSION].get(
+                f"{router.vllm_url}/health", timeout=HEALTH_TIMEOUT
+            ) as upstream:
                 ok = upstream.status == 200
-        except (OSError, ClientError):
+        except (OSError, ClientError, asyncio.TimeoutError):
             ok = False
         return web.Response(status=200 if ok else 503, text="ok" if ok else "vLLM is not healthy")
 
@@ -411,12 +550,17 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
     server.start()
     timeout = ClientTimeout(total=None, sock_connect=10)
+
+    def forwarding() -> ClientSession:
+        # No pool limit: a hundred long generations must not queue the health probes behind them.
+        return ClientSession(timeout=timeout, connector=TCPConnector(limit=0))
+
     try:
         async with ClientSession(timeout=timeout) as session:
             seconds = await wait_for_vllm(server, session)
             log.info("event=vllm_serve_ready seconds=%.1f", seconds)
             await router.sync(session)
-            app = build_app(router, lambda: ClientSession(timeout=timeout))
+            app = build_app(router, forwarding)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, host, port).start()
@@ -468,7 +612,10 @@ def run_pod(args: Any) -> int:
         server = VLLMServer(
             folder, args.model_name, args.max_loras, args.max_lora_rank, args.dtype, tuple(args.vllm_args)
         )
-        router = Router(args.model_name, server.url, source, _claims(args.claim))
+        router = Router(
+            args.model_name, server.url, source, _claims(args.claim),
+            namespace=args.namespace, allow_files=args.allow_file_uris, verify_manifest=True,
+        )  # fmt: skip
         asyncio.run(serve(server, router, host=args.host, port=args.port, interval=args.interval))
     except (ServingError, ValueError) as exc:
         print(f"loraplex serving: {exc}", file=sys.stderr)
@@ -497,7 +644,7 @@ def run_local(args: Any) -> int:
         name = model.get("name") or model["uri"]
         max_loras = max(1, len(source.read()))
         server = VLLMServer(folder, name, max_loras, args.max_lora_rank, args.dtype, tuple(args.vllm_args))
-        router = Router(name, server.url, source)
+        router = Router(name, server.url, source, allow_files=True, verify_manifest=False)
         asyncio.run(serve(server, router, host=args.host, port=args.port, interval=args.interval))
     except (ServingError, ValueError, OSError) as exc:
         print(f"loraplex serve: {exc}", file=sys.stderr)

@@ -185,7 +185,9 @@ def train(args: argparse.Namespace) -> int:
         pool, specs = select(args.files)
         sandbox = reward_sandbox(pool)
         out = check_output(Path(args.output))
-        trackers = build_trackers(getattr(args, "report_to", None) or ["none"], out, pool.metadata.name)
+        trackers = build_trackers(
+            getattr(args, "report_to", None) or ["none"], out / "tracking", pool.metadata.name
+        )
         # From here on a signal checkpoints and exits 0; before, there is nothing to save.
         stop = GracefulStop().install()
         import torch
@@ -224,7 +226,8 @@ def train(args: argparse.Namespace) -> int:
         exp = Experiment(name=resource.metadata.name, spec=spec, out_dir=out / resource.metadata.name)
         experiments.append(exp)
         trainer.add(exp, base_dir=base_dir)
-        trackers.log_params(exp.name, hyperparameters(spec))
+        # The run folder is the run's identity: a rerun with it resumes the same tracker runs.
+        trackers.start(exp.name, str(exp.out_dir.resolve()), exp.step, hyperparameters(spec))
 
     totals = RunTotals(rollout_engine=kind, model_name=pool.spec.model.name, model_uri=pool.spec.model.uri)
     title = f"loraplex train: {pool.metadata.name} ({pool.spec.model.uri}, {kind} rollouts)"
@@ -245,6 +248,8 @@ def train(args: argparse.Namespace) -> int:
             if exp.state is State.RUNNING:  # an error is on its way out: free the workers
                 trainer.remove(exp.name)
         trainer.engine.close()
+        for exp in experiments:
+            trackers.finish(exp.name, exp.state.value)
         trackers.close()
     console.print(progress_table(experiments, totals, title))
     records, drawn = report_run(out, plots=getattr(args, "plots", "rewards"))

@@ -42,9 +42,11 @@ class TrackingError(Exception):
 
 
 class Tracker(Protocol):
-    def log_params(self, experiment: str, params: Mapping[str, str]) -> None: ...
+    def start(self, experiment: str, key: str, step: int, params: Mapping[str, str]) -> None: ...
 
     def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None: ...
+
+    def finish(self, experiment: str, state: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -91,22 +93,31 @@ class TensorBoardTracker:
         self.root = root
         self._writers: dict[str, Any] = {}
 
-    def _writer(self, experiment: str) -> Any:
-        if experiment not in self._writers:
-            self._writers[experiment] = self._writer_class(log_dir=str(self.root / experiment))
-        return self._writers[experiment]
-
-    def log_params(self, experiment: str, params: Mapping[str, str]) -> None:
-        table = "| parameter | value |\n| --- | --- |\n" + "".join(
-            f"| {k} | {v} |\n" for k, v in params.items()
-        )
-        self._writer(experiment).add_text("hyperparameters", table, global_step=0)
+    def start(self, experiment: str, key: str, step: int, params: Mapping[str, str]) -> None:
+        """Open the experiment's writer; a resumed one drops what was logged after its checkpoint."""
+        old = self._writers.pop(experiment, None)
+        if old is not None:
+            old.close()
+        purge = {"purge_step": step + 1} if step > 0 else {}
+        writer = self._writers[experiment] = self._writer_class(log_dir=str(self.root / experiment), **purge)
+        if step == 0:
+            table = "| parameter | value |\n| --- | --- |\n" + "".join(
+                f"| {k} | {v} |\n" for k, v in params.items()
+            )
+            writer.add_text("hyperparameters", table, global_step=0)
 
     def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None:
-        writer = self._writer(experiment)
+        writer = self._writers.get(experiment)
+        if writer is None:
+            return
         for name, value in scalars(row).items():
             writer.add_scalar(name, value, global_step=step)
-        writer.flush()
+        writer.flush()  # a running run is watched while it runs
+
+    def finish(self, experiment: str, state: str) -> None:
+        writer = self._writers.pop(experiment, None)
+        if writer is not None:
+            writer.close()
 
     def close(self) -> None:
         for writer in self._writers.values():
@@ -114,91 +125,127 @@ class TensorBoardTracker:
         self._writers.clear()
 
 
+MLFLOW_STATUS = {"Completed": "FINISHED", "Failed": "FAILED"}
+"""An experiment's end state -> its MLflow run status (anything else: KILLED)."""
+
+
 class MLflowTracker:
-    """One MLflow run per experiment, in the MLflow experiment named after the pool."""
+    """One MLflow run per experiment, found again by its key (run folder or storage folder) on resume."""
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
         try:
-            from mlflow.entities import Metric
+            from mlflow.entities import Metric, Param
             from mlflow.tracking import MlflowClient
         except ImportError as exc:
             raise TrackingError(
                 "--report-to mlflow: the mlflow package is not installed; pip install 'loraplex[mlflow]'"
             ) from exc
-        from mlflow.entities import Param
-
         self._metric, self._param = Metric, Param
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        found = self.client.get_experiment_by_name(experiment_name)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment_name)
+        try:
+            found = self.client.get_experiment_by_name(experiment_name)
+            if found is None:
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment_name)
+                except Exception:  # another replica created it first
+                    found = self.client.get_experiment_by_name(experiment_name)
+                    if found is None:
+                        raise
+            if found is not None:
+                self.experiment_id = found.experiment_id
+        except TrackingError:
+            raise
+        except Exception as exc:
+            raise TrackingError(f"--report-to mlflow: {tracking_uri}: {_first_line(exc)}") from exc
         self._runs: dict[str, str] = {}
+        self._logged_to: dict[str, int] = {}
 
-    def run_id(self, experiment: str) -> str:
-        """The run of ``experiment``: the one a previous (resumed) run created, else a new one."""
-        if experiment not in self._runs:
-            existing = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`loraplex.experiment` = '{experiment}'",
-                max_results=1,
+    def start(self, experiment: str, key: str, step: int, params: Mapping[str, str]) -> None:
+        """Find the experiment's run by key, or create it with its parameters."""
+        existing = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`loraplex.key` = '{_quoted(key)}'", max_results=1
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            history = self.client.get_metric_history(run_id, SCALARS["reward_mean"])
+            # MLflow cannot drop points: steps a crash logged after the checkpoint stay, and are not doubled.
+            self._logged_to[experiment] = max((m.step for m in history), default=0)
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=experiment,
+                tags={"loraplex.key": key, "loraplex.experiment": experiment},
             )
-            if existing:
-                self._runs[experiment] = existing[0].info.run_id
-            else:
-                run = self.client.create_run(
-                    self.experiment_id, run_name=experiment, tags={"loraplex.experiment": experiment}
-                )
-                self._runs[experiment] = run.info.run_id
-        return self._runs[experiment]
-
-    def log_params(self, experiment: str, params: Mapping[str, str]) -> None:
-        run_id = self.run_id(experiment)
-        logged = self.client.get_run(run_id).data.params
-        new = [self._param(k, v) for k, v in params.items() if k not in logged]  # a resumed run has them
-        if new:
-            self.client.log_batch(run_id, params=new)
+            run_id = run.info.run_id
+            self._logged_to[experiment] = 0
+            self.client.log_batch(run_id, params=[self._param(k, v) for k, v in params.items()])
+        self._runs[experiment] = run_id
 
     def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None:
+        run_id = self._runs.get(experiment)
+        if run_id is None or step <= self._logged_to.get(experiment, 0):
+            return
         now = int(time.time() * 1000)
         metrics = [self._metric(name, value, now, step) for name, value in scalars(row).items()]
         if metrics:
-            self.client.log_batch(self.run_id(experiment), metrics=metrics)
+            self.client.log_batch(run_id, metrics=metrics)
+        self._logged_to[experiment] = step
+
+    def finish(self, experiment: str, state: str) -> None:
+        run_id = self._runs.pop(experiment, None)
+        if run_id is not None:
+            self.client.set_terminated(run_id, status=MLFLOW_STATUS.get(state, "KILLED"))
 
     def close(self) -> None:
         for run_id in self._runs.values():
-            self.client.set_terminated(run_id)
+            self.client.set_terminated(run_id, status="KILLED")  # stopped with the process: resumes later
         self._runs.clear()
 
 
+def _quoted(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
 class Trackers:
-    """Every tracker asked for, fed together; one failing tracker never stops training."""
+    """Every tracker asked for, fed together. One that fails is logged and set aside: it never
+    stops training, and a tracking server that is away costs one timeout, not one per step."""
 
     def __init__(self, trackers: Sequence[Tracker]) -> None:
         self.trackers = list(trackers)
 
-    def log_params(self, experiment: str, params: Mapping[str, str]) -> None:
-        for tracker in self.trackers:
-            self._guard(tracker, experiment, tracker.log_params, experiment, params)
+    def start(self, experiment: str, key: str, step: int, params: Mapping[str, str]) -> None:
+        for tracker in list(self.trackers):
+            self._guard(tracker, experiment, tracker.start, experiment, key, step, params)
 
     def log(self, experiment: str, step: int, row: Mapping[str, Any]) -> None:
-        for tracker in self.trackers:
+        for tracker in list(self.trackers):
             self._guard(tracker, experiment, tracker.log, experiment, step, row)
 
-    @staticmethod
-    def _guard(tracker: Tracker, experiment: str, call: Any, *args: Any) -> None:
+    def finish(self, experiment: str, state: str) -> None:
+        for tracker in list(self.trackers):
+            self._guard(tracker, experiment, tracker.finish, experiment, state)
+
+    def close(self) -> None:
+        for tracker in list(self.trackers):
+            self._guard(tracker, "-", tracker.close)
+        self.trackers.clear()
+
+    def _guard(self, tracker: Tracker, experiment: str, call: Any, *args: Any) -> None:
         try:
             call(*args)
         except Exception as exc:  # a tracking server away must not fail training
             logging.getLogger(__name__).warning(
-                "event=tracking_failed tracker=%s experiment=%s error=%r",
-                type(tracker).__name__,
-                experiment,
-                exc,
-            )
-
-    def close(self) -> None:
-        for tracker in self.trackers:
-            tracker.close()
-        self.trackers.clear()
+                "event=tracking_failed tracker=%s experiment=%s error=%r; no more reports to it",
+                type(tracker).__name__, experiment, exc,
+            )  # fmt: skip
+            if tracker in self.trackers:
+                self.trackers.remove(tracker)
 
 
 def build_trackers(names: Sequence[str], folder: Path, run_name: str) -> Trackers:
@@ -216,5 +263,8 @@ def build_trackers(names: Sequence[str], folder: Path, run_name: str) -> Tracker
             # A local file store needs no database; MLflow 3 keeps it (in maintenance mode) on request.
             uri = (folder / "mlruns").resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # A server that is away: a short wait, then the tracker is set aside (Trackers), not 7 retries per call.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         trackers.append(MLflowTracker(uri, run_name))
     return Trackers(trackers)

@@ -57,7 +57,7 @@ def test_serving_gets_a_deployment_and_service_whose_readiness_shows_in_pool_sta
     cluster: Cluster, operator: Operator
 ) -> None:
     api = cluster.api
-    api.create(pool("smol", serving={"enabled": True, "replicas": 2}))
+    api.create(pool("smol", serving={"enabled": True, "replicas": 2}, storage={"claimName": "shared"}))
     deployment = wait_for(lambda: api.get("Deployment", "smol-serving"), what="serving Deployment")
     assert deployment["spec"]["replicas"] == 2
     assert deployment["metadata"]["ownerReferences"][0]["name"] == "smol"

@@ -35,3 +35,12 @@ def test_checkpoint_uris_resolve_inside_their_mounted_claim_only(tmp_path: Path)
         local_path("pvc://shared/../../etc", claims)
     with pytest.raises(ValueError, match="only pvc:// and file://"):
         local_path("s3://bucket/x", claims)
+    with pytest.raises(ValueError, match="a serving pod serves pvc:// checkpoints only"):
+        local_path("file:///etc", claims, allow_files=False)
+    with pytest.raises(ValueError, match="not an absolute path"):
+        local_path("file://org/repo", claims)  # vLLM would fetch it from the Hugging Face hub
+    own = "pvc://shared/sub/team-a/exp-a/uid-1/checkpoints/step-00000020"
+    assert local_path(own, claims, experiment="exp-a", namespace="team-a").name == "step-00000020"
+    for other in (own.replace("exp-a", "exp-b"), own.replace("team-a", "team-b"), own + "/../step-00000010x"):
+        with pytest.raises(ValueError, match="not a checkpoint of experiment team-a/exp-a"):
+            local_path(other, claims, experiment="exp-a", namespace="team-a")
