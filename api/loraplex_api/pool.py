@@ -226,6 +226,11 @@ class ServingSpec(CamelModel):
         default=None, ge=1, le=1024, alias="maxLoRARank", description="Default: capacity.maxLoRARank."
     )
     port: int = Field(default=8000, ge=1024, le=65535)
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="A Secret key holding an API key: /v1 requests must then send it as a bearer token "
+        "(the OpenAI clients' api_key). Health and /loraplex/served stay open to probes and the operator.",
+    )
     args: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list,
         max_length=64,

@@ -58,6 +58,8 @@ STORAGE_MOUNT = "/var/lib/loraplex"
 """Where the pool's storage is mounted in a trainer pod (adapters, checkpoints, metrics)."""
 HEALTH_PORT = 8081
 """The agent's ``/healthz`` and ``/readyz``."""
+SERVING_API_KEY_ENV = "LORAPLEX_SERVING_API_KEY"
+"""In a serving pod, from serving.apiKeySecretRef: the key /v1 requests must send."""
 METRICS_PORT = 9400
 """The agent's Prometheus metrics."""
 

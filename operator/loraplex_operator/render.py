@@ -27,6 +27,7 @@ from loraplex_api.wire import (
     POOL_KIND,
     POOL_LABEL,
     REWARD_CONFINEMENT_ENV,
+    SERVING_API_KEY_ENV,
     STORAGE_MOUNT,
     promoted_configmap_name,
 )
@@ -433,6 +434,16 @@ def render_serving(
             {"name": POD_NAMESPACE_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
             {"name": "DO_NOT_TRACK", "value": "1"},
+            *(
+                [
+                    {
+                        "name": SERVING_API_KEY_ENV,
+                        "valueFrom": {"secretKeyRef": serving.api_key_secret_ref.wire()},
+                    }
+                ]
+                if serving.api_key_secret_ref is not None
+                else []
+            ),
         ],
         "ports": [{"name": "http", "containerPort": serving.port, "protocol": "TCP"}],
         "resources": serving.resources.wire(),

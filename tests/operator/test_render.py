@@ -318,6 +318,16 @@ def test_serving_runs_loraplex_serving_on_the_pools_model_with_storage_read_only
     assert pod["serviceAccountName"] == "trainer-sa"  # without a serving identity: the trainers'
     served_as = render_serving(pool, service_account="loraplex-serving")[0]["spec"]["template"]["spec"]
     assert served_as["serviceAccountName"] == "loraplex-serving"
+    env = {e["name"]: e for e in serving["env"]}
+    assert env["NCCL_DEBUG"]["value"] == "WARN" and env["VLLM_NO_USAGE_STATS"]["value"] == "1"
+    assert "LORAPLEX_SERVING_API_KEY" not in env
+    keyed = serving_pool(apiKeySecretRef={"name": "serving-key", "key": "api-key"})
+    keyed_env = {
+        e["name"]: e for e in render_serving(keyed)[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert keyed_env["LORAPLEX_SERVING_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "serving-key", "key": "api-key"}
+    }
     assert service["spec"]["ports"] == [
         {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
     ]

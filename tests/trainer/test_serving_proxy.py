@@ -23,13 +23,16 @@ from loraplex_trainer.serving import (
 )
 
 
-def _ask(router: Router, *requests: tuple[str, str, Any]) -> list[tuple[int, Any]]:
+def _ask(router: Router, *requests: tuple[str, str, Any], **app: Any) -> list[tuple[int, Any]]:
     async def run() -> list[tuple[int, Any]]:
-        async with TestClient(TestServer(build_app(router, ClientSession))) as client:
+        async with TestClient(TestServer(build_app(router, ClientSession, **app))) as client:
             answers = []
-            for method, path, body in requests:
+            for method, path, body, *headers in requests:
                 response = await client.request(
-                    method, path, **({"data": body} if isinstance(body, str) else {"json": body})
+                    method,
+                    path,
+                    headers=headers[0] if headers else None,
+                    **({"data": body} if isinstance(body, str) else {"json": body}),
                 )
                 answers.append(
                     (
@@ -143,3 +146,20 @@ def test_a_replaced_adapter_is_unloaded_only_after_its_last_request(tmp_path: Pa
     promote(1)  # a rollback loads under a name of its own again
     assert router.routes["exp-a"].vllm_name not in (first, second)
     assert len(list(copies.iterdir())) == 1  # the unloaded ones' copies are gone
+
+
+def test_with_an_api_key_v1_requests_must_send_it_and_probes_stay_open() -> None:
+    key = {"api_key": "s3cret"}
+    unknown = {"model": "nope", "prompt": "x"}  # past the key check, the proxy's own 404
+    answers = _ask(
+        _router(),
+        ("POST", "/v1/completions", unknown),
+        ("POST", "/v1/completions", unknown, {"Authorization": "Bearer wrong"}),
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/completions", unknown, {"Authorization": "Bearer s3cret"}),
+        ("GET", "/loraplex/served", None),
+        ("GET", "/health", None),
+        **key,
+    )
+    assert [status for status, _ in answers] == [401, 401, 401, 404, 200, 503]  # 503: no vLLM behind
+    assert answers[0][1]["error"]["type"] == "AuthenticationError"

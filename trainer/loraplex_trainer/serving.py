@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+
+from loraplex_api.wire import SERVING_API_KEY_ENV
 
 from .checkpoint import MANIFEST_FILE
 from .rollout.vllm_engine import max_lora_rank
@@ -442,9 +445,26 @@ async def _pass_on(request: web.Request, vllm_url: str, body: dict[str, Any]) ->
     return response
 
 
-def build_app(router: Router, session_factory: Callable[[], ClientSession]) -> web.Application:
-    """The public server: the forwarded OpenAI routes, the model list, what is served, health."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+def build_app(
+    router: Router, session_factory: Callable[[], ClientSession], *, api_key: str | None = None
+) -> web.Application:
+    """The public server: the forwarded OpenAI routes, the model list, what is served, health.
+
+    With ``api_key``, every /v1 request must send it as ``Authorization: Bearer <key>`` (what the
+    OpenAI clients do with their api_key); it is checked here and not passed on to vLLM.
+    """
+
+    @web.middleware
+    async def authorize(request: web.Request, handler: Any) -> web.StreamResponse:
+        if api_key and request.path.startswith("/v1/"):
+            sent = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
+                return _error(
+                    401, "a valid API key is needed (Authorization: Bearer ...)", "AuthenticationError"
+                )
+        return await handler(request)
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[authorize])
 
     async def on_startup(app: web.Application) -> None:
         app[SESSION] = session_factory()
@@ -539,6 +559,7 @@ async def serve(
     host: str,
     port: int,
     interval: float,
+    api_key: str | None = None,
     announce: Callable[[str], None] = print,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -560,7 +581,7 @@ async def serve(
             seconds = await wait_for_vllm(server, session)
             log.info("event=vllm_serve_ready seconds=%.1f", seconds)
             await router.sync(session)
-            app = build_app(router, forwarding)
+            app = build_app(router, forwarding, api_key=api_key)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, host, port).start()
@@ -616,7 +637,10 @@ def run_pod(args: Any) -> int:
             args.model_name, server.url, source, _claims(args.claim),
             namespace=args.namespace, allow_files=args.allow_file_uris, verify_manifest=True,
         )  # fmt: skip
-        asyncio.run(serve(server, router, host=args.host, port=args.port, interval=args.interval))
+        api_key = os.environ.get(SERVING_API_KEY_ENV) or None
+        asyncio.run(
+            serve(server, router, host=args.host, port=args.port, interval=args.interval, api_key=api_key)
+        )
     except (ServingError, ValueError) as exc:
         print(f"loraplex serving: {exc}", file=sys.stderr)
         return 1
