@@ -113,12 +113,17 @@ def test_a_completed_experiment_frees_its_slot_for_the_next(cluster: Cluster, op
     assert condition(first, "Training")["reason"] == "Running"
 
     report_training(api, "first", "Completed", step=10)
+    # Status, then the replica label: two writes, so wait for both.
     first = wait_for(
-        lambda: (e := get(cluster, "first")) and e["status"].get("phase") == "Succeeded" and e,
-        what="Succeeded",
+        lambda: (
+            (e := get(cluster, "first"))
+            and e["status"].get("phase") == "Succeeded"
+            and "loraplex.dev/replica" not in e["metadata"]["labels"]
+            and e
+        ),
+        what="Succeeded and unlabelled",
     )
     assert placement(first) is None and first["status"]["completionTime"]
-    assert "loraplex.dev/replica" not in first["metadata"]["labels"]
     assert condition(first, "Succeeded")["reason"] == "Completed"
     wait_for(lambda: placement(get(cluster, "next")) == "smol-0", what="next placed in the freed slot")
     wait_for(lambda: "Succeeded" in events_for(cluster, "first"), what="a Succeeded event")
