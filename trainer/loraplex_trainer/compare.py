@@ -108,6 +108,7 @@ def best(records: list[ExperimentRecord]) -> ExperimentRecord | None:
         return None
     metric = max(set(metrics), key=lambda m: (metrics.count(m), m == "eval_reward", m))
     scored = [(value, r) for r in records if r.metric == metric and (value := r.metric_value()) is not None]
+    scored.sort(key=lambda pair: pair[1].name)  # a tie goes to the first name, as in the legend
     return max(scored, key=lambda pair: pair[0])[1] if scored else None
 
 
