@@ -30,14 +30,8 @@ from .kube import ApiError, object_path, path_of
 from .observed import ExperimentView, PoolView, observe_experiment, observe_pod, observe_pool, snapshot
 from .planner import ExperimentPlan, PoolMemory, PoolPlan, plan_orphan, plan_pool
 from .poolstatus import Provisioning
-from .render import (
-    RenderError,
-    render_children,
-    render_promoted_configmap,
-    render_serving,
-    serving_endpoint,
-    serving_name,
-)
+from .render import RenderError, render_children, render_promoted_configmap
+from .render_serving import render_serving, serving_endpoint, serving_name
 from .runtime import PoolKey, Runtime
 from .validation import describe
 

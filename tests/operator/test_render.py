@@ -16,11 +16,10 @@ from loraplex_operator.render import (
     render_headless_service,
     render_metrics_service,
     render_promoted_configmap,
-    render_serving,
     render_statefulset,
     selector_string,
-    serving_endpoint,
 )
+from loraplex_operator.render_serving import render_serving, serving_endpoint
 
 K8S_VERSION = "1.37.0"
 
