@@ -40,6 +40,21 @@ MAX_POOL_NAME = 52
 """The StatefulSet controller labels pods with ``<name>-<10-char hash>``, and a label value has 63 characters."""
 
 TRAINER_NAME = "loraplex-trainer"
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+"""Every container a pool renders (trainer, serving)."""
+POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS,
+    "runAsGroup": RUN_AS,
+    "fsGroup": RUN_AS,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+"""Every pod a pool renders: the image's uid 1000, RuntimeDefault seccomp."""
 RESERVED_ENV = frozenset({POD_NAME_ENV, POD_NAMESPACE_ENV, POOL_ENV, REWARD_CONFINEMENT_ENV})
 
 
@@ -159,15 +174,10 @@ def _pod_template(pool: SharedBasePool, default_service_account: str | None) -> 
         "resources": trainer.resources.wire(),
         # Loading a large base model can take many minutes: the startup probe holds the liveness
         # probe back for up to 30 minutes, after which a hung trainer is restarted within a minute.
-        "startupProbe": _probe("/healthz", period=10, failures=180),
-        "livenessProbe": _probe("/healthz", period=20, failures=3),
-        "readinessProbe": _probe("/readyz", period=5, failures=2),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "startupProbe": probe("/healthz", period=10, failures=180),
+        "livenessProbe": probe("/healthz", period=20, failures=3),
+        "readinessProbe": probe("/readyz", period=5, failures=2),
+        "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": mounts,
     }
     pod: dict[str, Any] = {
@@ -175,13 +185,7 @@ def _pod_template(pool: SharedBasePool, default_service_account: str | None) -> 
         "volumes": volumes,
         # On SIGTERM the agent finishes the step in flight and checkpoints every adapter (shutdown.py).
         "terminationGracePeriodSeconds": 120,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": dict(POD_SECURITY),
     }
     service_account = trainer.service_account_name or default_service_account
     if service_account:
@@ -214,9 +218,10 @@ def model_hash(pool: SharedBasePool) -> str:
     return hashlib.sha256(wire.encode()).hexdigest()[:16]
 
 
-def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
+def probe(path: str, *, period: int, failures: int, port: str = "health") -> dict[str, Any]:
+    """An HTTP probe on a named container port (5 s to answer)."""
     return {
-        "httpGet": {"path": path, "port": "health"},
+        "httpGet": {"path": path, "port": port},
         "periodSeconds": period,
         "timeoutSeconds": 5,
         "failureThreshold": failures,

@@ -21,13 +21,15 @@ from loraplex_api.wire import (
 )
 
 from .render import (
+    CONTAINER_SECURITY,
     HF_CACHE_MOUNT,
+    POD_SECURITY,
     RESERVED_ENV,
-    RUN_AS,
     check_renderable,
     model_hash,
     owner_reference,
     pod_volumes,
+    probe,
 )
 
 SERVING_NAME = "loraplex-serving"
@@ -134,28 +136,17 @@ def render_serving(
         ],
         "ports": [{"name": "http", "containerPort": serving.port, "protocol": "TCP"}],
         "resources": serving.resources.wire(),
-        "startupProbe": _http_probe("/health", period=10, failures=180),
-        "livenessProbe": _http_probe("/health", period=20, failures=3),
-        "readinessProbe": _http_probe("/ready", period=5, failures=2),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "startupProbe": probe("/health", period=10, failures=180, port="http"),
+        "livenessProbe": probe("/health", period=20, failures=3, port="http"),
+        "readinessProbe": probe("/ready", period=5, failures=2, port="http"),
+        "securityContext": dict(CONTAINER_SECURITY),
         "volumeMounts": mounts,
     }
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": dict(POD_SECURITY),
     }
     identity = service_account or spec.trainer.service_account_name or default_service_account
     if identity:
@@ -194,12 +185,3 @@ def render_serving(
         },
     }
     return [deployment, service]
-
-
-def _http_probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
-    return {
-        "httpGet": {"path": path, "port": "http"},
-        "periodSeconds": period,
-        "failureThreshold": failures,
-        "timeoutSeconds": 5,  # the proxy gives vLLM 4 s to answer /health
-    }

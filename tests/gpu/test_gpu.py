@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from transformers import LlamaForCausalLM
 
 from loraplex_trainer.adapters import MultiLoRAModel
 from loraplex_trainer.model_host import load_base_model
@@ -25,7 +24,7 @@ from loraplex_trainer.multilora import AdapterConfig, AdapterRouting, MultiLoRAL
 from loraplex_trainer.rollout.base import EngineLimits, GenerationRequest
 from loraplex_trainer.rollout.torch_engine import TorchRolloutEngine
 from loraplex_trainer.rollout.vllm_engine import VLLMRolloutEngine
-from tests.trainer.conftest import build_tiny_model, build_tiny_tokenizer
+from tests.trainer.conftest import save_tiny_model
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -83,14 +82,7 @@ def test_on_cuda_the_batched_layer_equals_the_loop_in_fp32() -> None:
 
 @pytest.fixture(scope="module")
 def bf16_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-llama-bf16")
-    tokenizer = build_tiny_tokenizer()
-    config = build_tiny_model(tokenizer).config
-    config.head_dim = 32
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-bf16"), head_dim=32)
 
 
 @dataclass

@@ -48,8 +48,11 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    """Build a 2-layer Llama with random weights (seed 0) sized for the given tokenizer."""
+def build_tiny_model(tokenizer: PreTrainedTokenizerFast, head_dim: int | None = None) -> LlamaForCausalLM:
+    """Build a 2-layer Llama with random weights (seed 0) sized for the given tokenizer.
+
+    ``head_dim`` (default hidden/heads = 16) for engines without a kernel for 16 (vLLM's CPU build).
+    """
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -62,19 +65,24 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **({"head_dim": head_dim} if head_dim else {}),
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
 
+def save_tiny_model(directory: Path, head_dim: int | None = None) -> Path:
+    """Save the tiny Llama and its tokenizer as a save_pretrained folder, loaded through the real path."""
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, head_dim).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A save_pretrained folder holding the tiny Llama and its tokenizer."""
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tiny_tokenizer()
-    build_tiny_model(tokenizer).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

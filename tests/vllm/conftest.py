@@ -11,11 +11,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
 from loraplex_trainer.model_host import BaseModel, load_base_model
-from tests.trainer.conftest import build_tiny_model, build_tiny_tokenizer
+from tests.trainer.conftest import save_tiny_model
 
 # The engine core in this process: starts in ~5 s instead of ~13 s, and half the memory.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -25,14 +23,7 @@ collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["test_*.py"]
 
 @pytest.fixture(scope="session")
 def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-llama-hd32")
-    tokenizer = build_tiny_tokenizer()
-    config = build_tiny_model(tokenizer).config
-    config.head_dim = 32
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-hd32"), head_dim=32)
 
 
 @pytest.fixture
