@@ -244,22 +244,27 @@ def test_namespaced_mode_grants_a_role_per_watched_namespace(helm: Path) -> None
     assert "ClusterKopfPeering" not in kinds(docs)
 
 
+def identity_rules(docs: list[Manifest], component: str, ns: str) -> list[dict[str, Any]]:
+    """The rules the ServiceAccount ``loraplex-<component>`` gets in ``ns``, after checking it and its binding."""
+    find(docs, "ServiceAccount", f"loraplex-{component}", ns)
+    binding = find(docs, "RoleBinding", f"{FULLNAME}-{component}", ns)
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"loraplex-{component}", "namespace": ns}
+    ]
+    ref = binding["roleRef"]
+    return list(find(docs, ref["kind"], ref["name"], None if ref["kind"] == "ClusterRole" else ns)["rules"])
+
+
 @pytest.mark.parametrize("scenario", ["default", "namespaced"])
 def test_trainer_identity_exists_where_pools_run(helm: Path, scenario: str) -> None:
     docs = render(helm, *SCENARIOS[scenario])
     namespaces = [NAMESPACE] if scenario == "default" else ["team-a", "team-b"]
     for ns in namespaces:
-        find(docs, "ServiceAccount", "loraplex-trainer", ns)
-        binding = find(docs, "RoleBinding", f"{FULLNAME}-trainer", ns)
-        assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": "loraplex-trainer", "namespace": ns}
-        ]
-        ref = binding["roleRef"]
-        role = find(docs, ref["kind"], ref["name"], None if ref["kind"] == "ClusterRole" else ns)
+        rules = identity_rules(docs, "trainer", ns)
         for need in TRAINER_NEEDS:
-            assert allows(role["rules"], *need), (ns, need)
+            assert allows(rules, *need), (ns, need)
         # Trainers write only status; the spec belongs to people and Git.
-        assert not allows(role["rules"], "loraplex.dev", "loraexperiments", "patch")
+        assert not allows(rules, "loraplex.dev", "loraexperiments", "patch")
 
 
 @pytest.mark.parametrize("scenario", ["default", "namespaced"])
@@ -268,14 +273,8 @@ def test_the_serving_identity_may_only_read_configmaps(helm: Path, scenario: str
     env = {e["name"]: e.get("value") for e in operator_container(docs)["env"]}
     assert env["LORAPLEX_SERVING_SERVICE_ACCOUNT"] == "loraplex-serving"
     for ns in [NAMESPACE] if scenario == "default" else ["team-a", "team-b"]:
-        find(docs, "ServiceAccount", "loraplex-serving", ns)
-        binding = find(docs, "RoleBinding", f"{FULLNAME}-serving", ns)
-        assert binding["subjects"] == [
-            {"kind": "ServiceAccount", "name": "loraplex-serving", "namespace": ns}
-        ]
-        ref = binding["roleRef"]
-        role = find(docs, ref["kind"], ref["name"], None if ref["kind"] == "ClusterRole" else ns)
-        assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]
+        rules = identity_rules(docs, "serving", ns)
+        assert rules == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]
 
 
 def test_users_get_loraplex_rights_through_the_builtin_roles(helm: Path) -> None:

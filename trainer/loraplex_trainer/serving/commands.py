@@ -77,11 +77,12 @@ def run_local(args: Any) -> int:
         if not model.get("uri"):
             raise ServingError(f"{summary_file}: names no model (written by an older loraplex)")
         source = RunDirSource(run_dir)
-        if not source.read():
+        adapters = source.read()
+        if not adapters:
             raise ServingError(f"{run_dir}: no experiment has an adapter or a checkpoint yet")
         folder = model_folder(model["uri"])
         name = model.get("name") or model["uri"]
-        max_loras = max(1, len(source.read()))
+        max_loras = len(adapters)
         server = VLLMServer(folder, name, max_loras, args.max_lora_rank, args.dtype, tuple(args.vllm_args))
         router = Router(name, server.url, source, allow_files=True, verify_manifest=False)
         asyncio.run(serve(server, router, host=args.host, port=args.port, interval=args.interval))
